@@ -1,0 +1,83 @@
+"""Shared fixtures: an rclpy context with a background executor, and test models.
+
+Every test session runs in its own ROS domain on loopback (tools/test.sh sets both); the
+fixtures here refuse to run otherwise so that tests never talk to a real robot.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, period: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(period)
+    return predicate()
+
+
+class RosHarness:
+    """An isolated rclpy context whose executor spins in a background thread."""
+
+    def __init__(self) -> None:
+        import rclpy
+        from rclpy.executors import MultiThreadedExecutor
+
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def node(self, name: str, **kwargs):
+        """Create a plain node in this context and add it to the executor."""
+        from rclpy.node import Node
+
+        node = Node(name, context=self.context, **kwargs)
+        self.executor.add_node(node)
+        return node
+
+    def add(self, node) -> None:
+        self.executor.add_node(node)
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown(timeout_sec=5.0)
+        for node in list(self.executor.get_nodes()):
+            node.destroy_node()
+        rclpy.shutdown(context=self.context)
+        self._thread.join(timeout=5.0)
+
+
+@pytest.fixture
+def ros() -> Iterator[RosHarness]:
+    """A fresh rclpy context with a spinning MultiThreadedExecutor."""
+    assert os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE') == 'LOCALHOST', \
+        'tests must keep DDS discovery on loopback'
+    harness = RosHarness()
+    try:
+        yield harness
+    finally:
+        harness.close()
