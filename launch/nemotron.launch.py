@@ -1,11 +1,11 @@
 """Start nemotron_node as a lifecycle node; with autostart it is configured and activated.
 
-ros2 launch nemotron_ros nemotron.launch.py model_path:=/models/NVIDIA-Nemotron3-Nano-4B-Q4_K_M.gguf
+ros2 launch nemotron_ros nemotron.launch.py \
+    model_path:=/models/NVIDIA-Nemotron3-Nano-4B-Q4_K_M.gguf
 """
 
 import os
 
-import launch
 import launch.actions
 import launch.events
 import launch_ros.actions
@@ -13,6 +13,8 @@ import launch_ros.event_handlers
 import launch_ros.events.lifecycle
 import lifecycle_msgs.msg
 from ament_index_python.packages import get_package_share_directory
+
+import launch
 
 
 def _transition(node, transition_id):

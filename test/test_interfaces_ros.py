@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import wait_for
 
 rclpy = pytest.importorskip('rclpy', reason='rclpy is not installed: run tools/setup.sh')

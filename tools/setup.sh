@@ -9,6 +9,8 @@
 #                        it must lie outside the source tree, or CMake refuses its include paths)
 #   NEMOTRON_WITH_TORCH  1 to also install the torch backend's extras
 #   PYTHON               interpreter that creates the venv (default: python3)
+#   CMAKE_ARGS           llama.cpp build flags (default: portable x86-64-v3 CPU build; a
+#                        -march=native build crashed with SIGILL on AMX-capable VMs)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -17,6 +19,7 @@ VENV=${NEMOTRON_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemotron_ros/venv-$DISTRO}
 PYTHON=${PYTHON:-python3}
 WITH_TORCH=${NEMOTRON_WITH_TORCH:-0}
 STAMP="$VENV/.nemotron_ros_setup"
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"}
 
 say() { printf '[setup] %s\n' "$*"; }
 die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -69,7 +72,7 @@ requirement_files() {
 }
 
 dependencies_stamp() {
-  { echo "$DISTRO $WITH_TORCH"; requirement_files | xargs cat; } | sha256sum | cut -d' ' -f1
+  { echo "$DISTRO $WITH_TORCH $CMAKE_ARGS"; requirement_files | xargs cat; } | sha256sum | cut -d' ' -f1
 }
 
 install_dependencies() {

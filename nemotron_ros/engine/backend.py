@@ -7,8 +7,9 @@ torch and the other way round.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .tools import ToolRegistry
 from .types import GenerationRequest, GenerationResult

@@ -10,8 +10,9 @@ import enum
 import json
 import math
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 
 class FinishReason(str, enum.Enum):
@@ -67,7 +68,11 @@ class Message:
 
 @dataclass
 class SamplingParams:
-    """Sampling settings; temperature 0 means greedy."""
+    """Sampling settings; temperature 0 means greedy.
+
+    ``ignore_eos`` keeps generating past end-of-turn (benchmarks and tests of long runs); it
+    applies to unconstrained generation only, since a finished grammar allows nothing else.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -76,6 +81,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     seed: int = 0
     max_tokens: int = 256
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.temperature <= 2.0):
@@ -123,6 +129,7 @@ class GenerationRequest:
 
     :param messages: the conversation, system turn included (the backend adds the tools).
     :param tools: names of the tools the model may call; empty means no tools at all.
+    :param max_tool_calls: most calls in one answer (1 to 8) when constrained.
     :param deadline: absolute ``time.monotonic()`` seconds; None means no deadline.
     :param on_token: called with each piece of decoded text as it is generated.
     """
@@ -130,6 +137,7 @@ class GenerationRequest:
     messages: Sequence[Message]
     tools: Sequence[str] = ()
     tool_choice: ToolChoice = ToolChoice.AUTO
+    max_tool_calls: int = 8
     constrained: bool = True
     enable_thinking: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)

@@ -1,0 +1,261 @@
+"""The llama.cpp backend: GGUF models, grammar-constrained tool calls, deadlines, prefix reuse.
+
+Hybrid Mamba/attention models such as Nemotron 3 cannot have their recurrent state partially
+rolled back, so llama.cpp's own prompt caches re-process the whole prompt on every request.
+This backend keeps the state after the fixed prefix (system prompt + tools) in sequence 1 of a
+two-sequence context and copies it into sequence 0 for each request (``llama_memory_seq_cp``,
+well under a millisecond), so time to first token depends on the new tokens only.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+from .backend import Backend, BackendError, ModelInfo, RequestError
+from .grammar import build_grammar
+from .llama_context import ContextOptions, DecodeAbortedError, LlamaContext, LlamaLoadError
+from .llama_sampler import GrammarCache, SamplerChain
+from .prompt_format import PromptFormat, select_prompt_format
+from .tool_parser import parse_output, validate_calls
+from .tools import ToolRegistry, ToolSpec
+from .types import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ToolChoice,
+    Usage,
+)
+
+PREFIX_SEQ = 1
+WORK_SEQ = 0
+
+
+@dataclass
+class LlamaConfig:
+    """Settings of the llama.cpp backend.
+
+    :param n_threads: decode threads; 0 = one less than the CPU count (at least 1).
+    :param n_gpu_layers: layers offloaded to the GPU (-1 = all).
+    :param flash_attn: 'auto', 'on' or 'off'.
+    :param prefix_cache: keep the state after system prompt + tools and reuse it.
+    """
+
+    model_path: str
+    n_ctx: int = 4096
+    n_threads: int = 0
+    n_threads_batch: int = 0
+    n_gpu_layers: int = 0
+    n_batch: int = 512
+    flash_attn: str = 'auto'
+    use_mmap: bool = True
+    prefix_cache: bool = True
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ValueError('model_path must name a GGUF file, got an empty string')
+        if self.n_ctx < 64:
+            raise ValueError(f'n_ctx must be >= 64, got {self.n_ctx}')
+        if self.n_threads < 0 or self.n_threads_batch < 0:
+            raise ValueError('n_threads and n_threads_batch must be >= 0 (0 = automatic)')
+        if self.n_gpu_layers < -1:
+            raise ValueError(f'n_gpu_layers must be >= -1, got {self.n_gpu_layers}')
+        if not 1 <= self.n_batch <= self.n_ctx:
+            raise ValueError(f'n_batch must be in [1, n_ctx={self.n_ctx}], got {self.n_batch}')
+        if self.flash_attn not in ('auto', 'on', 'off'):
+            raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', got {self.flash_attn!r}")
+
+    def context_options(self) -> ContextOptions:
+        threads = self.n_threads or max(1, (os.cpu_count() or 2) - 1)
+        return ContextOptions(
+            n_ctx=self.n_ctx, n_batch=self.n_batch, n_threads=threads,
+            n_threads_batch=self.n_threads_batch or threads,
+            n_gpu_layers=0x7FFFFFFF if self.n_gpu_layers == -1 else self.n_gpu_layers,
+            n_seq_max=2 if self.prefix_cache else 1, flash_attn=self.flash_attn,
+            use_mmap=self.use_mmap, verbose=self.verbose)
+
+
+class _Stopper:
+    """Deadline and cancel checks shared by prefill and decode."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.deadline = request.deadline
+        self.cancel = request.cancel
+        self.reason: Optional[FinishReason] = None
+
+    def __call__(self) -> bool:
+        if self.reason is not None:
+            return True
+        if self.cancel is not None and self.cancel.cancelled:
+            self.reason = self.cancel.reason
+        elif self.deadline is not None and time.monotonic() >= self.deadline:
+            self.reason = FinishReason.DEADLINE
+        return self.reason is not None
+
+
+class LlamaBackend(Backend):
+    """GGUF models through llama.cpp; see the module docstring for the prefix reuse."""
+
+    def __init__(self, config: LlamaConfig, tools: ToolRegistry) -> None:
+        super().__init__(tools)
+        self.config = config
+        self._llm: Optional[LlamaContext] = None
+        self._grammars: Optional[GrammarCache] = None
+        self._format: Optional[PromptFormat] = None
+        self._prefix_tokens: list[int] = []
+        self.info: Optional[ModelInfo] = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def load(self) -> ModelInfo:
+        if self._llm is not None:
+            return self.info
+        try:
+            llm = LlamaContext(self.config.model_path, self.config.context_options())
+        except LlamaLoadError as exc:
+            raise BackendError(str(exc)) from exc
+        arch = llm.metadata('general.architecture') or 'unknown'
+        try:
+            self._format = select_prompt_format(
+                {'general.architecture': arch, 'tokenizer.chat_template': llm.chat_template()},
+                bos_token=llm.token_text(llm.bos), eos_token=llm.token_text(llm.eos))
+        except ValueError as exc:
+            llm.close()
+            raise BackendError(f'{self.config.model_path}: {exc}') from exc
+        self._llm = llm
+        self._grammars = GrammarCache(llm.vocab)
+        self._prefix_tokens = []
+        self.info = ModelInfo(
+            path=self.config.model_path, architecture=arch, chat_format=self._format.name,
+            n_ctx=llm.n_ctx, n_vocab=llm.n_vocab, recurrent=llm.recurrent)
+        return self.info
+
+    def unload(self) -> None:
+        if self._grammars is not None:
+            self._grammars.close()
+            self._grammars = None
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+        self._prefix_tokens = []
+
+    @property
+    def loaded(self) -> bool:
+        return self._llm is not None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._require().tokenize(text))
+
+    def _require(self) -> LlamaContext:
+        if self._llm is None:
+            raise BackendError('no model is loaded')
+        return self._llm
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        llm = self._require()
+        started = time.monotonic()
+        specs = self.tools.subset(request.tools)
+        rendered = self._format.render(request.messages, specs,
+                                       thinking=request.enable_thinking)
+        prefix = llm.tokenize(rendered.prefix)
+        suffix = llm.tokenize(rendered.text[len(rendered.prefix):])
+        usage = Usage(prompt_tokens=len(prefix) + len(suffix))
+        budget = llm.n_ctx - usage.prompt_tokens
+        if budget < 1:
+            raise RequestError(
+                f'prompt has {usage.prompt_tokens} tokens, the context holds {llm.n_ctx}')
+        max_tokens = min(request.sampling.max_tokens, budget)
+        stopper = _Stopper(request)
+        result = GenerationResult(usage=usage)
+        try:
+            pos = self._prefill(llm, prefix, suffix, usage, stopper)
+        except DecodeAbortedError:
+            result.finish_reason = stopper.reason or FinishReason.CANCELLED
+            usage.prefill_s = usage.total_s = time.monotonic() - started
+            return result
+        usage.prefill_s = time.monotonic() - started
+        grammar = None
+        if request.constrained and (specs or request.tool_choice is not ToolChoice.NONE):
+            grammar = self._grammars.fresh(
+                build_grammar(specs, request.tool_choice, rendered.reasoning_open,
+                              request.max_tool_calls))
+        with SamplerChain(request.sampling, grammar, llm.n_vocab, llm.eog_tokens) as sampler:
+            raw, finish = self._decode_loop(llm, sampler, pos, max_tokens, stopper, usage,
+                                            started, request.on_token)
+        usage.total_s = time.monotonic() - started
+        result.raw_text = raw
+        result.finish_reason = finish
+        self._fill_answer(result, specs, rendered.reasoning_open)
+        return result
+
+    def _prefill(self, llm: LlamaContext, prefix: list[int], suffix: list[int], usage: Usage,
+                 stopper: Callable[[], bool]) -> int:
+        """Bring sequence 0 to the end of the prompt; returns the next position."""
+        llm.clear_sequence(WORK_SEQ)
+        if not self.config.prefix_cache:
+            llm.decode(prefix + suffix, 0, WORK_SEQ, True, stopper)
+            return len(prefix) + len(suffix)
+        if prefix != self._prefix_tokens:
+            self._prefix_tokens = []
+            llm.clear_sequence(PREFIX_SEQ)
+            try:
+                llm.decode(prefix, 0, PREFIX_SEQ, False, stopper)
+            except DecodeAbortedError:
+                llm.clear_sequence(PREFIX_SEQ)
+                raise
+            self._prefix_tokens = list(prefix)
+        else:
+            usage.prompt_tokens_reused = len(prefix)
+        llm.copy_sequence(PREFIX_SEQ, WORK_SEQ)
+        llm.decode(suffix, len(prefix), WORK_SEQ, True, stopper)
+        return len(prefix) + len(suffix)
+
+    def _decode_loop(self, llm: LlamaContext, sampler: SamplerChain, pos: int, max_tokens: int,
+                     stopper: _Stopper, usage: Usage, started: float,
+                     on_token: Optional[Callable[[str], None]]) -> tuple[str, FinishReason]:
+        decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+        pieces: list[str] = []
+        first_at = 0.0
+        finish = FinishReason.LENGTH
+        for _ in range(max_tokens):
+            if stopper():
+                finish = stopper.reason
+                break
+            token = sampler.sample(llm.ctx)
+            if usage.completion_tokens == 0:
+                first_at = time.monotonic()
+                usage.time_to_first_token_s = first_at - started
+            if llm.is_eog(token):
+                finish = FinishReason.STOP
+                break
+            usage.completion_tokens += 1
+            text = decoder.decode(llm.piece(token))
+            if text:
+                pieces.append(text)
+                if on_token is not None:
+                    on_token(text)
+            llm.decode_one(token, pos, WORK_SEQ)
+            pos += 1
+        tail = decoder.decode(b'', final=True)
+        if tail:
+            pieces.append(tail)
+        if first_at:
+            usage.decode_s = time.monotonic() - first_at
+        return ''.join(pieces), finish
+
+    def _fill_answer(self, result: GenerationResult, specs: list[ToolSpec],
+                     reasoning_open: bool) -> None:
+        parsed = parse_output(result.raw_text, specs, thinking=reasoning_open)
+        result.reasoning = parsed.reasoning
+        result.text = parsed.content
+        if result.complete:
+            result.tool_calls, result.rejected = validate_calls(
+                parsed, self.tools, allowed={s.name for s in specs})
+        elif parsed.calls or parsed.errors:
+            result.rejected = [f'generation ended by {result.finish_reason.value}: '
+                               'incomplete tool calls dropped']

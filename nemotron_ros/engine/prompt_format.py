@@ -1,0 +1,326 @@
+"""Turn a conversation and a tool list into the prompt text a model was trained on.
+
+Two formats, one tool-call syntax:
+
+* :class:`NemotronFormat` writes Nemotron 3's own ChatML layout by hand: the tool list in the
+  system turn (``# Tools`` ... ``<tools>`` ... ``</tools>`` plus the call-format reminder),
+  ``<think>`` switching, past calls in the native ``<tool_call>`` syntax and tool results
+  as a user turn of ``<tool_response>`` blocks. The layout follows the model's chat template
+  as ported by Ollama (``Nemotron3NanoRenderer``) and Qwen3-Coder's ``render_extra_keys``.
+  ChatML turn markers inside message text (commands, perception, tool results) are
+  dropped, so such text cannot forge a turn.
+* :class:`TemplateFormat` renders any other model's embedded GGUF chat template in a
+  sandbox. The tool list and the *same* native call syntax are explained in the system
+  message, so one grammar and one parser serve every model.
+
+Each render returns a :class:`RenderedPrompt` whose ``prefix`` (the system turn with the
+tools) is identical for every request with the same system prompt and tools: a backend
+snapshots the model state after it and only evaluates the rest per request.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import jinja2
+import jinja2.sandbox
+
+from .tool_parser import render_tool_call
+from .tools import ToolSpec
+from .types import Message
+
+IM_START = '<|im_start|>'
+IM_END = '<|im_end|>'
+
+TOOLS_HEADER = '# Tools\n\nYou have access to the following functions:\n\n<tools>'
+TOOLS_FOOTER = (
+    '\n</tools>'
+    '\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:'
+    '\n\n<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>'
+    '\nvalue_1\n</parameter>\n<parameter=example_parameter_2>'
+    '\nThis is the value for the second parameter\nthat can span\nmultiple lines'
+    '\n</parameter>\n</function>\n</tool_call>'
+    '\n\n<IMPORTANT>\nReminder:'
+    '\n- Function calls MUST follow the specified format: an inner <function=...></function>'
+    ' block must be nested within <tool_call></tool_call> XML tags'
+    '\n- Required parameters MUST be specified'
+    '\n- You may provide optional reasoning for your function call in natural language'
+    ' BEFORE the function call, but NOT after'
+    '\n- If there is no function call available, answer the question like normal with your'
+    ' current knowledge and do not tell the user about function calls'
+    '\n</IMPORTANT>')
+"""The call-format instructions of Nemotron 3's chat template, verbatim."""
+
+_PROBES = ('\x01probe-a\x01', '\x02probe-b\x02')
+
+
+class PromptFormatError(ValueError):
+    """A prompt cannot be rendered: no chat template, a broken one, or one that refuses."""
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A full prompt and its reusable head.
+
+    :param prefix: the fixed part (system turn with tools), same across requests with the
+        same system prompt and tools; ``text`` always starts with it.
+    :param text: the whole prompt, generation prompt included.
+    :param reasoning_open: the prompt ends inside ``<think>``: the answer starts with
+        reasoning (pass it as ``thinking`` to the grammar and the parser).
+    """
+
+    prefix: str
+    text: str
+    reasoning_open: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.text.startswith(self.prefix):
+            raise ValueError('RenderedPrompt.text must start with its prefix')
+
+
+class PromptFormat(abc.ABC):
+    """Renders a conversation plus tools into prompt text; pure and thread-safe."""
+
+    name: str = ''
+
+    @abc.abstractmethod
+    def render(self, messages: Sequence[Message], tools: Sequence[ToolSpec] = (), *,
+               thinking: bool = False) -> RenderedPrompt:
+        """The prompt for ``messages`` (a leading system message becomes the system turn)."""
+
+
+class NemotronFormat(PromptFormat):
+    """Nemotron 3's native ChatML layout, written without a template engine."""
+
+    name = 'nemotron'
+
+    def render(self, messages: Sequence[Message], tools: Sequence[ToolSpec] = (), *,
+               thinking: bool = False) -> RenderedPrompt:
+        system, rest = split_system(messages)
+        prefix = _turn('system', system_text(system, tools))
+        body = ''.join(_nemotron_turns(rest))
+        tail = f'{IM_START}assistant\n<think>\n' if thinking else (
+            f'{IM_START}assistant\n<think></think>')
+        return RenderedPrompt(prefix=prefix, text=prefix + body + tail, reasoning_open=thinking)
+
+
+class TemplateFormat(PromptFormat):
+    """A model's own Jinja chat template, rendered in an immutable sandbox.
+
+    Tools are described in the system message (Nemotron's wording and syntax); past calls
+    are written into assistant text in the native syntax and tool results become user turns
+    of ``<tool_response>`` blocks, so the template needs no tool support of its own. A
+    template that refuses a system role gets the system text at the top of the first user
+    turn instead.
+    """
+
+    name = 'template'
+
+    def __init__(self, template: str, bos_token: str = '', eos_token: str = '') -> None:
+        if not template or not template.strip():
+            raise PromptFormatError('the chat template is empty')
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+        env.filters['tojson'] = _tojson
+        env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+        try:
+            self._template = env.from_string(template)
+        except jinja2.TemplateError as exc:
+            raise PromptFormatError(f'the chat template does not compile: {exc}') from None
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    def render(self, messages: Sequence[Message], tools: Sequence[ToolSpec] = (), *,
+               thinking: bool = False) -> RenderedPrompt:
+        system, rest = split_system(messages)
+        head = system_text(system, tools)
+        turns = _plain_turns(rest)
+        text = self._render(head, turns, thinking, generation=True)
+        probes = [self._render(head, [{'role': 'user', 'content': p}], thinking, False)
+                  for p in _PROBES]
+        prefix = _common_prefix(*probes, text)
+        return RenderedPrompt(prefix=prefix[:prefix.rfind('\n') + 1], text=text)
+
+    def _render(self, system: str, turns: list[dict], thinking: bool, generation: bool) -> str:
+        with_system = ([{'role': 'system', 'content': system}] if system else []) + turns
+        try:
+            return self._apply(with_system, thinking, generation)
+        except jinja2.TemplateError as exc:
+            if not system:
+                raise PromptFormatError(f'the chat template failed: {exc}') from None
+            first_error = exc
+        try:
+            return self._apply(_merge_system(system, turns), thinking, generation)
+        except jinja2.TemplateError:
+            raise PromptFormatError(f'the chat template failed: {first_error}') from None
+
+    def _apply(self, messages: list[dict], thinking: bool, generation: bool) -> str:
+        return self._template.render(
+            messages=messages, add_generation_prompt=generation, enable_thinking=thinking,
+            bos_token=self.bos_token, eos_token=self.eos_token)
+
+
+def select_prompt_format(metadata: Mapping[str, Any], *, bos_token: str = '',
+                         eos_token: str = '') -> PromptFormat:
+    """Pick the format for a model from its GGUF metadata.
+
+    Nemotron's native format when the chat template uses ``<function=`` tool calls, or the
+    architecture is ``nemotron_h``/``nemotron_h_moe`` with a ChatML template or none;
+    otherwise the model's own template.
+
+    :raises PromptFormatError: a non-Nemotron model without a chat template.
+    """
+    architecture = str(metadata.get('general.architecture', ''))
+    template = str(metadata.get('tokenizer.chat_template') or '')
+    nemotron_arch = architecture in ('nemotron_h', 'nemotron_h_moe')
+    if '<function=' in template or (nemotron_arch and (not template or IM_START in template)):
+        return NemotronFormat()
+    if not template.strip():
+        raise PromptFormatError(
+            f'model (architecture {architecture or "unknown"!r}) has no chat template '
+            "(GGUF key 'tokenizer.chat_template'); only Nemotron 3 models work without one")
+    return TemplateFormat(template, bos_token=bos_token, eos_token=eos_token)
+
+
+def render_tools_section(tools: Sequence[ToolSpec]) -> str:
+    """The ``# Tools`` block of Nemotron 3's system turn ('' without tools).
+
+    Schemas are shown with the tools' limits folded in, so the model sees the bounds that
+    the grammar and the validator apply.
+    """
+    if not tools:
+        return ''
+    return TOOLS_HEADER + ''.join(_function_block(t) for t in tools) + TOOLS_FOOTER
+
+
+def system_text(system: str, tools: Sequence[ToolSpec]) -> str:
+    """The system turn's content: the system prompt, a blank line, then the tools block."""
+    section = render_tools_section(tools)
+    return '\n\n'.join(part for part in (system, section) if part)
+
+
+def split_system(messages: Sequence[Message]) -> tuple[str, list[Message]]:
+    """(system prompt, remaining messages): only a leading system message is the system turn."""
+    if messages and messages[0].role == 'system':
+        return messages[0].content, list(messages[1:])
+    return '', list(messages)
+
+
+def _function_block(tool: ToolSpec) -> str:
+    out = [f'\n<function>\n<name>{tool.name}</name>']
+    if tool.description:
+        out.append(f'\n<description>{tool.description.strip()}</description>')
+    out.append('\n<parameters>')
+    parameters = tool.effective_parameters
+    for name, fields in parameters.get('properties', {}).items():
+        out.append(f'\n<parameter>\n<name>{name}</name>')
+        out.append(f"\n<type>{fields['type']}</type>")
+        if 'description' in fields:
+            out.append(f"\n<description>{fields['description'].strip()}</description>")
+        out.append(_extra_keys(fields, ('name', 'type', 'description')))
+        out.append('\n</parameter>')
+    out.append(_extra_keys(parameters, ('type', 'properties')))
+    out.append('\n</parameters>\n</function>')
+    return ''.join(out)
+
+
+def _extra_keys(fields: Mapping[str, Any], handled: Sequence[str]) -> str:
+    """Every other schema key as ``<key>value</key>`` (JSON for containers), like the template."""
+    out = []
+    for key, value in fields.items():
+        if key in handled:
+            continue
+        text = _tojson(value) if isinstance(value, (dict, list)) else _python_str(value)
+        out.append(f'\n<{key}>{text}</{key}>')
+    return ''.join(out)
+
+
+def _nemotron_turns(messages: Sequence[Message]) -> list[str]:
+    out = []
+    for index, message in enumerate(messages):
+        if message.role == 'assistant':
+            out.append(_nemotron_assistant(message))
+        elif message.role == 'tool':
+            opens = index == 0 or messages[index - 1].role != 'tool'
+            closes = index + 1 == len(messages) or messages[index + 1].role != 'tool'
+            out.append((f'{IM_START}user\n' if opens else '')
+                       + f'<tool_response>\n{_no_turn_markers(message.content)}\n'
+                       + '</tool_response>\n' + (f'{IM_END}\n' if closes else ''))
+        else:
+            out.append(_turn(message.role, _no_turn_markers(message.content)))
+    return out
+
+
+def _no_turn_markers(text: str) -> str:
+    """Drop ChatML turn markers from message text, so that text cannot open a fake turn."""
+    return text.replace(IM_START, '').replace(IM_END, '')
+
+
+def _nemotron_assistant(message: Message) -> str:
+    content = ('<think></think>' + _no_turn_markers(message.content)).strip()
+    if not message.tool_calls:
+        return _turn('assistant', content)
+    calls = ''.join(render_tool_call(c.name, c.arguments) + '\n' for c in message.tool_calls)
+    return f'{IM_START}assistant\n{content}\n{calls}{IM_END}\n'
+
+
+def _plain_turns(messages: Sequence[Message]) -> list[dict]:
+    """Messages as plain role/content dicts a tool-unaware template can render."""
+    turns: list[dict] = []
+    for message in messages:
+        if message.role == 'tool':
+            block = f'<tool_response>\n{message.content}\n</tool_response>'
+            if turns and turns[-1].get('tool_results'):
+                turns[-1]['content'] += '\n' + block
+            else:
+                turns.append({'role': 'user', 'content': block, 'tool_results': True})
+            continue
+        content = message.content
+        if message.tool_calls:
+            calls = '\n'.join(render_tool_call(c.name, c.arguments) for c in message.tool_calls)
+            content = f'{content.strip()}\n{calls}' if content.strip() else calls
+        turns.append({'role': message.role, 'content': content})
+    return [{'role': t['role'], 'content': t['content']} for t in turns]
+
+
+def _merge_system(system: str, turns: list[dict]) -> list[dict]:
+    merged = [dict(t) for t in turns]
+    if merged and merged[0]['role'] == 'user':
+        merged[0]['content'] = f"{system}\n\n{merged[0]['content']}"
+        return merged
+    return [{'role': 'user', 'content': system}] + merged
+
+
+def _turn(role: str, content: str) -> str:
+    return f'{IM_START}{role}\n{content}{IM_END}\n'
+
+
+def _common_prefix(*texts: str) -> str:
+    shortest = min(texts, key=len)
+    for index, ch in enumerate(shortest):
+        if any(t[index] != ch for t in texts):
+            return shortest[:index]
+    return shortest
+
+
+def _tojson(value: Any, indent: Optional[int] = None, **_: Any) -> str:
+    """Hugging Face's ``tojson``: no key sorting, no HTML escaping, non-ASCII kept."""
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _python_str(value: Any) -> str:
+    """Jinja's ``| string`` of a scalar, as the template would print it."""
+    return str(value)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)

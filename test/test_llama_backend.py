@@ -1,0 +1,228 @@
+"""The llama.cpp backend with real models: constrained tool calls, deadlines, cancel, prefix reuse.
+
+Uses the tiny random-weight nemotron_h GGUF built by project code (runs llama.cpp's real hybrid
+Mamba-2/attention code path) and the real SmolLM2-135M-Instruct GGUF where words matter.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nemotron_ros.engine.backend import BackendError, RequestError
+from nemotron_ros.engine.llama_backend import LlamaBackend, LlamaConfig
+from nemotron_ros.engine.tools import ToolRegistry
+from nemotron_ros.engine.types import (
+    CancelToken,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    ToolChoice,
+)
+from nemotron_ros.testing import MID_PRESET
+from nemotron_ros.testing.models import smollm2_gguf_path, tiny_nemotron_h_path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ToolRegistry.from_yaml(ROOT / 'config' / 'tools.example.yaml')
+SYSTEM = 'You are the language interface of a mobile robot.'
+
+
+def _messages(text: str) -> list[Message]:
+    return [Message('system', SYSTEM), Message('user', text)]
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp('models')
+
+
+@pytest.fixture(scope='module')
+def tiny(model_dir: Path):
+    backend = LlamaBackend(LlamaConfig(model_path=str(tiny_nemotron_h_path(model_dir)),
+                                       n_ctx=8192, n_threads=2), TOOLS)
+    backend.load()
+    yield backend
+    backend.unload()
+
+
+def test_tiny_model_loads_as_hybrid_with_native_format(tiny: LlamaBackend) -> None:
+    assert tiny.info.architecture == 'nemotron_h'
+    assert tiny.info.recurrent
+    assert tiny.info.chat_format == 'nemotron'
+
+
+def test_constrained_calls_always_parse_and_validate_over_200_seeds(tiny: LlamaBackend) -> None:
+    rng = random.Random(1234)
+    names = list(TOOLS.names)
+    returned = 0
+    called: set[str] = set()
+    for seed in range(200):
+        allowed = rng.sample(names, rng.randint(1, len(names)))
+        choice = ToolChoice.REQUIRED if seed % 2 else ToolChoice.AUTO
+        result = tiny.generate(GenerationRequest(
+            messages=_messages('Bring the red cup to the table.'), tools=allowed,
+            tool_choice=choice, sampling=SamplingParams(temperature=1.0, seed=seed,
+                                                        max_tokens=160)))
+        assert result.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+        if result.finish_reason is FinishReason.LENGTH:
+            assert result.tool_calls == [], 'a truncated call must never be returned'
+            continue
+        assert not [r for r in result.rejected if 'block' in r or 'parse' in r], result.rejected
+        if choice is ToolChoice.REQUIRED:
+            assert result.tool_calls or result.rejected, result.raw_text
+        for call in result.tool_calls:
+            assert call.name in allowed
+            assert TOOLS.validate_call(call.name, call.arguments) == []
+            called.add(call.name)
+        returned += len(result.tool_calls)
+    assert returned >= 50, f'only {returned} valid calls in 200 generations'
+    assert len(called) >= 5, f'too few distinct tools exercised: {called}'
+
+
+def test_smollm2_goes_to_the_kitchen() -> None:
+    try:
+        path = smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(f'SmolLM2 GGUF not installed: {exc}')
+    backend = LlamaBackend(LlamaConfig(model_path=str(path), n_ctx=4096, n_threads=2), TOOLS)
+    backend.load()
+    try:
+        result = backend.generate(GenerationRequest(
+            messages=_messages('Go to the kitchen'),
+            tools=['navigate_to', 'say', 'stop', 'get_battery'],
+            tool_choice=ToolChoice.REQUIRED, max_tool_calls=1,
+            sampling=SamplingParams(max_tokens=64)))
+    finally:
+        backend.unload()
+    assert result.finish_reason is FinishReason.STOP, result.raw_text
+    assert [c.name for c in result.tool_calls] == ['navigate_to'], result.raw_text
+    assert result.tool_calls[0].arguments['target'] == 'kitchen'
+
+
+def test_long_generation_returns_by_its_deadline(tiny: LlamaBackend) -> None:
+    budget = 0.3
+    start = time.monotonic()
+    result = tiny.generate(GenerationRequest(
+        messages=_messages('Tell me a long story.'), constrained=False,
+        sampling=SamplingParams(max_tokens=100_000, ignore_eos=True),
+        deadline=start + budget))
+    elapsed = time.monotonic() - start
+    assert result.finish_reason is FinishReason.DEADLINE
+    assert result.usage.completion_tokens > 10
+    assert elapsed < budget + 0.5, f'returned {elapsed - budget:.3f} s after the deadline'
+
+
+@pytest.fixture(scope='module')
+def mid(model_dir: Path):
+    path = tiny_nemotron_h_path(model_dir, **MID_PRESET)
+    backend = LlamaBackend(LlamaConfig(model_path=str(path), n_ctx=8192, n_threads=2,
+                                       prefix_cache=False), TOOLS)
+    backend.load()
+    yield backend
+    backend.unload()
+
+
+def test_long_prefill_is_interrupted_by_the_deadline(mid: LlamaBackend) -> None:
+    long_text = ' '.join(f'observation {i}: the corridor is clear.' for i in range(250))
+    request = GenerationRequest(messages=_messages(long_text), constrained=False,
+                                sampling=SamplingParams(max_tokens=4))
+    assert mid.count_tokens(long_text) > 4000
+    start = time.monotonic()
+    request.deadline = start + 0.15
+    result = mid.generate(request)
+    interrupted = time.monotonic() - start
+    assert result.finish_reason is FinishReason.DEADLINE
+    assert result.usage.completion_tokens == 0
+    request.deadline = None
+    start = time.monotonic()
+    full = mid.generate(request)
+    uninterrupted = time.monotonic() - start
+    assert full.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+    assert interrupted < uninterrupted / 2, (interrupted, uninterrupted)
+
+
+def test_cancel_from_another_thread(tiny: LlamaBackend) -> None:
+    token = CancelToken()
+    timer = threading.Timer(0.2, token.cancel)
+    start = time.monotonic()
+    timer.start()
+    result = tiny.generate(GenerationRequest(
+        messages=_messages('Count forever.'), constrained=False, cancel=token,
+        sampling=SamplingParams(max_tokens=100_000, ignore_eos=True)))
+    elapsed = time.monotonic() - start
+    timer.join()
+    assert result.finish_reason is FinishReason.CANCELLED
+    assert result.tool_calls == []
+    assert 0.2 <= elapsed < 2.0
+
+
+def test_prefix_snapshot_gives_identical_greedy_output(model_dir: Path) -> None:
+    path = str(tiny_nemotron_h_path(model_dir))
+    outputs = {}
+    reused = {}
+    for cached in (True, False):
+        backend = LlamaBackend(LlamaConfig(model_path=path, n_ctx=8192, n_threads=2,
+                                           prefix_cache=cached), TOOLS)
+        backend.load()
+        try:
+            results = [backend.generate(GenerationRequest(
+                messages=_messages(text), tools=TOOLS.names,
+                sampling=SamplingParams(max_tokens=48)))
+                for text in ('Go to the kitchen.', 'Pick up the red cup.', 'Stop!')]
+        finally:
+            backend.unload()
+        outputs[cached] = [r.raw_text for r in results]
+        reused[cached] = [r.usage.prompt_tokens_reused for r in results]
+        prompt_tokens = results[1].usage.prompt_tokens
+    assert outputs[True] == outputs[False]
+    assert reused[False] == [0, 0, 0]
+    assert reused[True][0] == 0
+    assert reused[True][1] == reused[True][2] > prompt_tokens // 2
+
+
+def test_prefix_is_rebuilt_when_the_tools_change(tiny: LlamaBackend) -> None:
+    def run(tools: list[str]) -> int:
+        return tiny.generate(GenerationRequest(
+            messages=_messages('hello'), tools=tools,
+            sampling=SamplingParams(max_tokens=4))).usage.prompt_tokens_reused
+
+    run(['say'])
+    assert run(['say']) > 0
+    assert run(['say', 'stop']) == 0
+    assert run(['say', 'stop']) > 0
+
+
+def test_prompt_longer_than_the_context_is_a_request_error(model_dir: Path) -> None:
+    backend = LlamaBackend(LlamaConfig(model_path=str(tiny_nemotron_h_path(model_dir)),
+                                       n_ctx=256, n_batch=128, n_threads=1), TOOLS)
+    backend.load()
+    try:
+        with pytest.raises(RequestError, match='context holds 256'):
+            backend.generate(GenerationRequest(messages=_messages('x ' * 400)))
+        ok = backend.generate(GenerationRequest(messages=_messages('hi'),
+                                                sampling=SamplingParams(max_tokens=4)))
+        assert ok.usage.prompt_tokens < 256
+    finally:
+        backend.unload()
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, 'not found'),
+    (b'not a model at all', 'not a GGUF file'),
+    (b'GGUF' + os.urandom(64), 'could not load'),
+])
+def test_missing_or_corrupt_model_gives_a_clear_error(tmp_path: Path, content, message) -> None:
+    path = tmp_path / 'model.gguf'
+    if content is not None:
+        path.write_bytes(content)
+    backend = LlamaBackend(LlamaConfig(model_path=str(path)), TOOLS)
+    with pytest.raises(BackendError, match=message) as info:
+        backend.load()
+    assert str(path) in str(info.value)
+    assert not backend.loaded
