@@ -45,7 +45,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope='module')
 def tiny(model_dir: Path):
     backend = LlamaBackend(LlamaConfig(model_path=str(tiny_nemotron_h_path(model_dir)),
-                                       n_ctx=8192, n_threads=2), TOOLS)
+                                       n_ctx=8192, n_threads=1), TOOLS)
     backend.load()
     yield backend
     backend.unload()
@@ -90,7 +90,7 @@ def test_smollm2_goes_to_the_kitchen() -> None:
         path = smollm2_gguf_path()
     except FileNotFoundError as exc:
         pytest.skip(f'SmolLM2 GGUF not installed: {exc}')
-    backend = LlamaBackend(LlamaConfig(model_path=str(path), n_ctx=4096, n_threads=2), TOOLS)
+    backend = LlamaBackend(LlamaConfig(model_path=str(path), n_ctx=4096, n_threads=1), TOOLS)
     backend.load()
     try:
         result = backend.generate(GenerationRequest(
@@ -121,7 +121,7 @@ def test_long_generation_returns_by_its_deadline(tiny: LlamaBackend) -> None:
 @pytest.fixture(scope='module')
 def mid(model_dir: Path):
     path = tiny_nemotron_h_path(model_dir, **MID_PRESET)
-    backend = LlamaBackend(LlamaConfig(model_path=str(path), n_ctx=8192, n_threads=2,
+    backend = LlamaBackend(LlamaConfig(model_path=str(path), n_ctx=8192, n_threads=1,
                                        prefix_cache=False), TOOLS)
     backend.load()
     yield backend
@@ -167,7 +167,7 @@ def test_prefix_snapshot_gives_identical_greedy_output(model_dir: Path) -> None:
     outputs = {}
     reused = {}
     for cached in (True, False):
-        backend = LlamaBackend(LlamaConfig(model_path=path, n_ctx=8192, n_threads=2,
+        backend = LlamaBackend(LlamaConfig(model_path=path, n_ctx=8192, n_threads=1,
                                            prefix_cache=cached), TOOLS)
         backend.load()
         try:

@@ -1,0 +1,70 @@
+"""Translations between ROS messages and engine data, in one place and without side effects."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from builtin_interfaces.msg import Time
+
+from .engine.scheduler import Outcome
+from .engine.world_state import Observation, Pose
+from .msg import Action, ToolCall
+from .msg import Observation as ObservationMsg
+
+
+def stamp_seconds(stamp: Time) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def _ms(seconds: float) -> float:
+    return float(seconds) * 1000.0 if math.isfinite(seconds) else 0.0
+
+
+def outcome_to_action(outcome: Outcome, stamp: Time) -> Action:
+    """The Action message for one outcome (status values are shared with msg/Action)."""
+    msg = Action()
+    msg.header.stamp = stamp
+    msg.request_id = outcome.request_id
+    msg.status = int(outcome.status)
+    msg.status_message = outcome.status_message
+    msg.queue_ms = _ms(outcome.queue_s)
+    msg.total_ms = _ms(outcome.total_s)
+    result = outcome.result
+    if result is None:
+        return msg
+    msg.text = result.text if outcome.ok else ''
+    msg.reasoning = result.reasoning
+    if outcome.ok:
+        msg.tool_calls = [ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
+                          for c in result.tool_calls]
+    usage = result.usage
+    msg.time_to_first_token_ms = _ms(usage.time_to_first_token_s)
+    msg.prompt_tokens = usage.prompt_tokens
+    msg.prompt_tokens_reused = usage.prompt_tokens_reused
+    msg.completion_tokens = usage.completion_tokens
+    msg.tokens_per_second = float(usage.tokens_per_second)
+    return msg
+
+
+def observation_from_msg(msg: ObservationMsg, now: float) -> Observation:
+    """The engine observation for a message; ValueError says what is malformed.
+
+    A zero stamp means "now"; attributes must be a JSON object (or empty).
+    """
+    stamp = stamp_seconds(msg.header.stamp) or now
+    attributes = {}
+    if msg.attributes_json.strip():
+        try:
+            attributes = json.loads(msg.attributes_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f'attributes_json is not valid JSON: {exc.msg}') from None
+        if not isinstance(attributes, dict):
+            raise ValueError('attributes_json must be a JSON object')
+    pose = None
+    if msg.has_pose:
+        p, q = msg.pose.position, msg.pose.orientation
+        pose = Pose(p.x, p.y, p.z, q.x, q.y, q.z, q.w)
+    return Observation(source=msg.source, label=msg.label, stamp=stamp,
+                       confidence=float(msg.confidence), pose=pose, attributes=attributes,
+                       ttl_s=float(msg.ttl_s), frame_id=msg.header.frame_id)
