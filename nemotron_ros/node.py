@@ -11,6 +11,8 @@ planner never holds an executor thread and subscriptions keep flowing.
 
 from __future__ import annotations
 
+import signal
+import sys
 import threading
 import time
 from typing import Optional
@@ -258,9 +260,24 @@ def _prompt_from_goal(goal, kind: RequestKind, arrival: Optional[float] = None,
                   on_token=on_token)
 
 
+def _close_quietly(node: NemotronNode, executor: MultiThreadedExecutor) -> None:
+    """Free the model and the node; a second Ctrl-C must not interrupt freeing native memory."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        node.close()
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(args: Optional[list[str]] = None) -> int:
     """Run the node until Ctrl-C or ROS shutdown."""
-    rclpy.init(args=args)
+    try:
+        rclpy.init(args=args)
+    except rclpy.exceptions.RCLError as exc:
+        print(f'nemotron_node: bad command line: {exc}', file=sys.stderr)
+        return 2
     try:
         try:
             node = NemotronNode()
@@ -274,9 +291,7 @@ def main(args: Optional[list[str]] = None) -> int:
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
         finally:
-            node.close()
-            executor.shutdown(timeout_sec=2.0)
-            node.destroy_node()
+            _close_quietly(node, executor)
         return 0
     finally:
         rclpy.try_shutdown()

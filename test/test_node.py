@@ -259,11 +259,13 @@ def test_inactive_node_answers_inactive_and_diagnostics_report(ros, node_factory
     assert state_label(node) == 'inactive'
     assert client.plan(goal='hello').status == Action.STATUS_INACTIVE
     assert node.trigger_activate() == SUCCESS
-    assert client.plan(goal='hello', max_tokens=8).status == Action.STATUS_OK
+    served = client.plan(goal='hello', max_tokens=8)
+    assert served.status == Action.STATUS_OK, served.status_message
     assert node.trigger_deactivate() == SUCCESS
     assert client.plan(goal='hello').status == Action.STATUS_INACTIVE
     assert wait_for(lambda: any('inactive' in s.message for d in client.diagnostics
-                                for s in d.status), 5.0)
+                                for s in d.status), 10.0), 'no inactive diagnostics'
+
     assert node.trigger_cleanup() == SUCCESS
     assert state_label(node) == 'unconfigured'
     assert client.plan(goal='hello').status == Action.STATUS_INACTIVE

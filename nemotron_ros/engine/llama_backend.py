@@ -160,7 +160,9 @@ class LlamaBackend(Backend):
         llm = self._require()
         started = time.monotonic()
         specs = self.tools.subset(request.tools)
-        rendered = self._format.render(request.messages, specs,
+        offered = specs if request.offered_tools is None else self.tools.subset(
+            request.offered_tools)
+        rendered = self._format.render(request.messages, offered,
                                        thinking=request.enable_thinking)
         prefix = llm.tokenize(rendered.prefix)
         suffix = llm.tokenize(rendered.text[len(rendered.prefix):])

@@ -129,6 +129,9 @@ class GenerationRequest:
 
     :param messages: the conversation, system turn included (the backend adds the tools).
     :param tools: names of the tools the model may call; empty means no tools at all.
+    :param offered_tools: tools described in the prompt; None = ``tools``. Offering every
+        configured tool while ``tools`` narrows what the grammar admits keeps the prompt
+        prefix identical across requests, so its model state can be reused.
     :param max_tool_calls: most calls in one answer (1 to 8) when constrained.
     :param deadline: absolute ``time.monotonic()`` seconds; None means no deadline.
     :param on_token: called with each piece of decoded text as it is generated.
@@ -136,6 +139,7 @@ class GenerationRequest:
 
     messages: Sequence[Message]
     tools: Sequence[str] = ()
+    offered_tools: Optional[Sequence[str]] = None
     tool_choice: ToolChoice = ToolChoice.AUTO
     max_tool_calls: int = 8
     constrained: bool = True
