@@ -193,7 +193,11 @@ def test_fp8_scaled_mm_path_matches_bf16_on_cpu(fp8_dir: Path, tokenizer,
     loaded = load_checkpoint(fp8_dir, torch.device('cpu'), torch.bfloat16, fp8='scaled_mm')
     assert loaded.fp8 == 'scaled_mm'
     linears = [m for m in loaded.model.modules() if isinstance(m, FP8Linear)]
-    assert len(linears) == 18 and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert len(linears) == 14 and all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    # The tiny Mamba in_proj has 328 outputs: _scaled_mm needs multiples of 16, so those four
+    # are dequantized instead (the real 4B's 17504 outputs fit).
+    in_proj = loaded.model.get_submodule('model.layers.0.mixer.in_proj')
+    assert type(in_proj) is torch.nn.Linear and in_proj.weight.dtype == torch.bfloat16
     logits = _logits(loaded.model, tokenizer)
     assert _relative_error(logits, reference_logits) < FP8_REL_TOL
     assert _cosine(logits, reference_logits) > FP8_MIN_COSINE
@@ -376,7 +380,8 @@ def test_xgrammar_reads_the_gbnf_as_llama_cpp_does(tokenizer) -> None:
         render_tool_call('fly', {}),
         render_tool_call('navigate_to', {'target': 'garage'}),
         render_tool_call('navigate_to', {'target': 'kitchen', 'speed': 0.9}),
-        render_tool_call('navigate_to', {'target': 'kitchen', 'speed': 1e-1}),
+        render_tool_call('navigate_to', {'target': 'kitchen', 'speed': 0.25}).replace(
+            '0.25', '25e-2'),
         render_tool_call('say', {'text': 'a <b> c'}),
         render_tool_call('move_base', {'linear': 0.1, 'angular': 0.1}),
         render_tool_call('look_at', {'point': {'x': 1, 'y': 2}}),
@@ -397,7 +402,7 @@ def test_constrained_calls_are_valid_over_50_seeds(backend: TorchBackend) -> Non
     subsets = [names, ['navigate_to', 'pick', 'place'], ['move_base', 'look_at', 'stop']]
     returned, called = 0, set()
     for seed in range(50):
-        allowed = subsets[seed % len(subsets)]
+        allowed = subsets[seed * len(subsets) // 50]  # grouped, so the prefix is reused
         choice = ToolChoice.REQUIRED if seed % 2 else ToolChoice.AUTO
         result = backend.generate(GenerationRequest(
             messages=_messages(rng.choice(['Bring the red cup to the table.', 'Look left.',
@@ -475,10 +480,10 @@ def test_long_generation_returns_by_its_deadline(backend: TorchBackend) -> None:
 
 
 def test_long_prefill_is_interrupted_by_the_deadline(bf16_dir: Path) -> None:
-    backend = TorchBackend(TorchConfig(**_options(bf16_dir, prefill_chunk=64,
+    backend = TorchBackend(TorchConfig(**_options(bf16_dir, prefill_chunk=64, n_ctx=8192,
                                                   prefix_cache=False)), TOOLS)
     backend.load()
-    long_text = ' '.join(f'observation {i}: the corridor is clear.' for i in range(300))
+    long_text = ' '.join(f'observation {i}: the corridor is clear.' for i in range(180))
     request = GenerationRequest(messages=_messages(long_text), constrained=False,
                                 sampling=SamplingParams(max_tokens=4))
     assert backend.count_tokens(long_text) > 4000
