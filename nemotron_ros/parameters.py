@@ -56,6 +56,8 @@ SPECS: tuple[Spec, ...] = (
          + _APPLIED),
     Spec('default_budget_ms', 'default_budget_ms', 'Latency budget of requests that give 0, '
          'in ms.' + _APPLIED, 1, 3_600_000),
+    Spec('response_margin_ms', 'response_margin_ms', 'Time reserved for the answer to reach '
+         'the caller: the scheduler works to a deadline this much earlier.' + _APPLIED, 0, 10000),
     Spec('queue_size', 'queue_size', 'Requests that may wait; more are answered '
          'REJECTED_BUSY.' + _APPLIED, 1, 1024),
     Spec('preemption', 'preemption', 'Service and action requests may preempt topic commands '

@@ -39,6 +39,7 @@ class EngineConfig:
     flash_attn: str = 'auto'
     prefix_cache: bool = True
     default_budget_ms: int = 5000
+    response_margin_ms: int = 15
     queue_size: int = 8
     preemption: bool = True
     enable_thinking: bool = False
@@ -61,6 +62,7 @@ class EngineConfig:
         _at_least('n_gpu_layers', self.n_gpu_layers, -1)
         _within('n_batch', self.n_batch, 1, self.n_ctx)
         _at_least('default_budget_ms', self.default_budget_ms, 1)
+        _at_least('response_margin_ms', self.response_margin_ms, 0)
         _within('queue_size', self.queue_size, 1, 1024)
         _within('max_tokens', self.max_tokens, 1, self.n_ctx)
         _within('max_tool_calls', self.max_tool_calls, 1, 8)

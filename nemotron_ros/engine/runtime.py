@@ -210,10 +210,26 @@ class Engine:
 
         estimate_text = f'{world.render(clock())}\n\n{generation.messages[-1].content}'
         scheduler.submit(ScheduledRequest(
-            payload=build, id=request_id, budget_s=prompt.budget_ms / 1000.0,
+            payload=build, id=request_id, budget_s=_engine_budget_s(prompt.budget_ms, config),
             priority=prompt.priority, kind=prompt.kind, arrival=arrival,
             prompt_tokens=backend.count_tokens(estimate_text)), callback)
         return request_id
+
+    def prepare(self, prompt: Prompt) -> GenerationRequest:
+        """The generation request the scheduler would run for ``prompt`` now, world included.
+
+        For direct backend calls (benchmarks comparing the node with the bare engine).
+        :raises ValueError: the prompt is invalid (the message says why).
+        :raises EngineLoadError: nothing is loaded.
+        """
+        config = self._config
+        if config is None:
+            raise EngineLoadError('no model is loaded')
+        return _with_world(self._generation(prompt, config), self.world_text())
+
+    @property
+    def backend(self) -> Optional[Backend]:
+        return self._backend
 
     def cancel(self, request_id: str) -> bool:
         scheduler = self._scheduler
@@ -260,6 +276,16 @@ class Engine:
             raise ValueError(f'unknown tools in allowed_tools: {unknown}; configured tools: '
                              f'{list(registry.names)}')
         return tuple(dict.fromkeys(names))
+
+
+def _engine_budget_s(budget_ms: int, config: EngineConfig) -> float:
+    """The scheduler's budget: the caller's, less the time the answer needs to reach it.
+
+    The answer still has to cross DDS after the scheduler decides it, so the scheduler works
+    to a deadline ``response_margin_ms`` earlier (never below half the budget).
+    """
+    budget = budget_ms or config.default_budget_ms
+    return max(budget - config.response_margin_ms, budget / 2.0) / 1000.0
 
 
 def system_prompt(config: EngineConfig) -> str:
