@@ -11,7 +11,8 @@ model) and measured:
   tokenizer and grammar compiler), after torch, transformers and xgrammar are imported
   (``import_s``, shared by every model);
 * ``rss_delta_mb`` / ``peak_rss_delta_mb``: resident memory after the load and its peak
-  during the load, relative to just before it;
+  during the load, relative to just before it (``rss_after_first_answer_delta_mb`` adds the
+  caches and buffers of one generation);
 * ``decode_tok_s``: greedy unconstrained decoding of ``--tokens`` tokens (EOS banned), median
   of ``--repeats`` runs; ``prefill_tok_s`` likewise for the prompt.
 
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,10 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SIZES: dict[str, dict[str, object]] = {
-    'tiny': {},
-    'mid': {'n_embd': 1024, 'n_layer': 8, 'dtype': 'f16'},
-}
+from nemotron_ros.testing.tiny_hf import MID_HF_PRESET, tiny_hf_path  # noqa: E402
+
+SIZES: dict[str, Mapping[str, object]] = {'tiny': {}, 'mid': MID_HF_PRESET}
 PROMPT = ('You are the language interface of a mobile robot.',
           'Bring the red cup to the kitchen table, then go back to the charging dock.')
 
@@ -105,8 +106,6 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def _checkpoints(model_dir: Path, size: str) -> dict[str, Path]:
-    from nemotron_ros.testing.tiny_hf import tiny_hf_path
-
     started = time.monotonic()
     paths = {'bf16': tiny_hf_path(model_dir, **SIZES[size]),
              'fp8': tiny_hf_path(model_dir, fp8=True, **SIZES[size])}
@@ -148,6 +147,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         messages=[Message('system', PROMPT[0]), Message('user', PROMPT[1])], constrained=False,
         sampling=SamplingParams(max_tokens=args.tokens, ignore_eos=True))
     backend.generate(request)
+    rss_warm = _rss_mb()
     decode, prefill = [], []
     for _ in range(args.repeats):
         usage = backend.generate(request).usage
@@ -160,6 +160,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         # ru_maxrss is the process's lifetime peak: it says something only if the load raised it.
         'peak_rss_delta_mb': round(max(peak_after - rss_before if peak_after > peak_before
                                        else 0.0, rss_after - rss_before), 1),
+        'rss_after_first_answer_delta_mb': round(rss_warm - rss_before, 1),
         'decode_tok_s': round(statistics.median(decode), 1),
         'decode_tok_s_runs': [round(v, 1) for v in decode],
         'prefill_tok_s': round(statistics.median(prefill), 1),

@@ -19,7 +19,7 @@ from rcl_interfaces.msg import (
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from .engine.config import BACKENDS, FLASH_ATTN, EngineConfig
+from .engine.config import BACKENDS, FLASH_ATTN, FP8_MODES, EngineConfig
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ SPECS: tuple[Spec, ...] = (
          choices=FLASH_ATTN),
     Spec('prefix_cache', 'prefix_cache', 'Reuse the model state after system prompt + tools.'
          + _APPLIED),
+    Spec('device', 'device', "torch backend: 'auto', 'cpu', 'cuda' or 'cuda:N'." + _APPLIED),
+    Spec('fp8', 'fp8', 'torch backend, FP8 checkpoints: auto (FP8 matmuls on compute '
+         'capability >= 8.9, else dequantized once), dequantize or scaled_mm.' + _APPLIED,
+         choices=FP8_MODES),
     Spec('default_budget_ms', 'default_budget_ms', 'Latency budget of requests that give 0, '
          'in ms.' + _APPLIED, 1, 3_600_000),
     Spec('response_margin_ms', 'response_margin_ms', 'Time reserved for the answer to reach '

@@ -7,12 +7,16 @@ torch and the other way round.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
-from .tools import ToolRegistry
-from .types import GenerationRequest, GenerationResult
+from .grammar import build_grammar
+from .prompt_format import PromptFormat, RenderedPrompt
+from .tool_parser import parse_output, validate_calls
+from .tools import ToolRegistry, ToolSpec
+from .types import FinishReason, GenerationRequest, GenerationResult, ToolChoice, Usage
 
 
 class BackendError(RuntimeError):
@@ -35,15 +39,86 @@ class ModelInfo:
     recurrent: bool
 
 
+class Stopper:
+    """Deadline and cancel checks shared by prefill and decode; remembers why it fired."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.deadline = request.deadline
+        self.cancel = request.cancel
+        self.reason: Optional[FinishReason] = None
+
+    def __call__(self) -> bool:
+        if self.reason is not None:
+            return True
+        if self.cancel is not None and self.cancel.cancelled:
+            self.reason = self.cancel.reason
+        elif self.deadline is not None and time.monotonic() >= self.deadline:
+            self.reason = FinishReason.DEADLINE
+        return self.reason is not None
+
+
+@dataclass
+class PreparedPrompt:
+    """A request turned into tokens: the reusable prefix, the rest, and its grammar."""
+
+    specs: list[ToolSpec]
+    rendered: RenderedPrompt
+    prefix: list[int]
+    suffix: list[int]
+    usage: Usage
+    max_tokens: int
+    grammar: Optional[str]
+
+
 class Backend(abc.ABC):
     """One loaded model that answers one generation at a time.
 
     ``generate`` must honour ``request.deadline`` and ``request.cancel`` (between tokens and
-    inside long prefills) and must never return an incomplete or invalid tool call.
+    inside long prefills) and must never return an incomplete or invalid tool call. The
+    model-independent steps (render, tokenize, grammar, parse and validate the answer) live
+    here so every backend gives the same guarantees.
     """
 
     def __init__(self, tools: ToolRegistry) -> None:
         self.tools = tools
+        self.prompt_format: Optional[PromptFormat] = None
+
+    def prepare(self, request: GenerationRequest, encode: Callable[[str], list[int]],
+                n_ctx: int) -> PreparedPrompt:
+        """Render and tokenize ``request``; RequestError when it cannot fit the context."""
+        specs = self.tools.subset(request.tools)
+        offered = specs if request.offered_tools is None else self.tools.subset(
+            request.offered_tools)
+        rendered = self.prompt_format.render(request.messages, offered,
+                                             thinking=request.enable_thinking)
+        prefix = encode(rendered.prefix)
+        suffix = encode(rendered.text[len(rendered.prefix):])
+        usage = Usage(prompt_tokens=len(prefix) + len(suffix))
+        room = n_ctx - usage.prompt_tokens
+        if room < 1:
+            raise RequestError(f'prompt has {usage.prompt_tokens} tokens, the context holds '
+                               f'{n_ctx}')
+        grammar = None
+        if request.constrained and (specs or request.tool_choice is not ToolChoice.NONE):
+            grammar = build_grammar(specs, request.tool_choice, rendered.reasoning_open,
+                                    request.max_tool_calls)
+        return PreparedPrompt(specs=specs, rendered=rendered, prefix=prefix, suffix=suffix,
+                              usage=usage, max_tokens=min(request.sampling.max_tokens, room),
+                              grammar=grammar)
+
+    def finish(self, result: GenerationResult, prepared: PreparedPrompt) -> GenerationResult:
+        """Split the raw text into reasoning, reply and validated calls (complete output only)."""
+        parsed = parse_output(result.raw_text, prepared.specs,
+                              thinking=prepared.rendered.reasoning_open)
+        result.reasoning = parsed.reasoning
+        result.text = parsed.content
+        if result.complete:
+            result.tool_calls, result.rejected = validate_calls(
+                parsed, self.tools, allowed={s.name for s in prepared.specs})
+        elif parsed.calls or parsed.errors:
+            result.rejected = [f'generation ended by {result.finish_reason.value}: '
+                               'incomplete tool calls dropped']
+        return result
 
     @abc.abstractmethod
     def load(self) -> ModelInfo:

@@ -14,6 +14,7 @@ from .types import SamplingParams
 
 BACKENDS = ('llama_cpp', 'torch')
 FLASH_ATTN = ('auto', 'on', 'off')
+FP8_MODES = ('auto', 'dequantize', 'scaled_mm')
 
 DEFAULT_SYSTEM_PROMPT = (
     'You are the language interface of a mobile robot. Answer briefly. When an action is '
@@ -38,6 +39,8 @@ class EngineConfig:
     n_batch: int = 512
     flash_attn: str = 'auto'
     prefix_cache: bool = True
+    device: str = 'auto'
+    fp8: str = 'auto'
     default_budget_ms: int = 5000
     response_margin_ms: int = 15
     queue_size: int = 8
@@ -57,6 +60,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _one_of('backend', self.backend, BACKENDS)
         _one_of('flash_attn', self.flash_attn, FLASH_ATTN)
+        _one_of('fp8', self.fp8, FP8_MODES)
         _at_least('n_ctx', self.n_ctx, 64)
         _at_least('n_threads', self.n_threads, 0)
         _at_least('n_gpu_layers', self.n_gpu_layers, -1)
@@ -93,7 +97,8 @@ class EngineConfig:
             return {'model_path': model_path, 'n_ctx': self.n_ctx, 'n_threads': self.n_threads,
                     'n_gpu_layers': self.n_gpu_layers, 'n_batch': self.n_batch,
                     'flash_attn': self.flash_attn, 'prefix_cache': self.prefix_cache}
-        return {'model_path': model_path, 'n_threads': self.n_threads}
+        return {'model_path': model_path, 'n_threads': self.n_threads, 'n_ctx': self.n_ctx,
+                'prefix_cache': self.prefix_cache, 'device': self.device, 'fp8': self.fp8}
 
 
 def _one_of(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -16,18 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
-from .backend import Backend, BackendError, ModelInfo, RequestError
-from .grammar import build_grammar
+from .backend import Backend, BackendError, ModelInfo, Stopper
 from .llama_context import ContextOptions, DecodeAbortedError, LlamaContext, LlamaLoadError
 from .llama_sampler import GrammarCache, SamplerChain
-from .prompt_format import PromptFormat, select_prompt_format
-from .tool_parser import parse_output, validate_calls
-from .tools import ToolRegistry, ToolSpec
+from .prompt_format import select_prompt_format
+from .tools import ToolRegistry
 from .types import (
     FinishReason,
     GenerationRequest,
     GenerationResult,
-    ToolChoice,
     Usage,
 )
 
@@ -80,24 +77,6 @@ class LlamaConfig:
             use_mmap=self.use_mmap, verbose=self.verbose)
 
 
-class _Stopper:
-    """Deadline and cancel checks shared by prefill and decode."""
-
-    def __init__(self, request: GenerationRequest) -> None:
-        self.deadline = request.deadline
-        self.cancel = request.cancel
-        self.reason: Optional[FinishReason] = None
-
-    def __call__(self) -> bool:
-        if self.reason is not None:
-            return True
-        if self.cancel is not None and self.cancel.cancelled:
-            self.reason = self.cancel.reason
-        elif self.deadline is not None and time.monotonic() >= self.deadline:
-            self.reason = FinishReason.DEADLINE
-        return self.reason is not None
-
-
 class LlamaBackend(Backend):
     """GGUF models through llama.cpp; see the module docstring for the prefix reuse."""
 
@@ -106,7 +85,6 @@ class LlamaBackend(Backend):
         self.config = config
         self._llm: Optional[LlamaContext] = None
         self._grammars: Optional[GrammarCache] = None
-        self._format: Optional[PromptFormat] = None
         self._prefix_tokens: list[int] = []
         self.info: Optional[ModelInfo] = None
 
@@ -120,7 +98,7 @@ class LlamaBackend(Backend):
             raise BackendError(str(exc)) from exc
         arch = llm.metadata('general.architecture') or 'unknown'
         try:
-            self._format = select_prompt_format(
+            self.prompt_format = select_prompt_format(
                 {'general.architecture': arch, 'tokenizer.chat_template': llm.chat_template()},
                 bos_token=llm.token_text(llm.bos), eos_token=llm.token_text(llm.eos))
         except ValueError as exc:
@@ -130,7 +108,7 @@ class LlamaBackend(Backend):
         self._grammars = GrammarCache(llm.vocab)
         self._prefix_tokens = []
         self.info = ModelInfo(
-            path=self.config.model_path, architecture=arch, chat_format=self._format.name,
+            path=self.config.model_path, architecture=arch, chat_format=self.prompt_format.name,
             n_ctx=llm.n_ctx, n_vocab=llm.n_vocab, recurrent=llm.recurrent)
         return self.info
 
@@ -159,41 +137,25 @@ class LlamaBackend(Backend):
     def generate(self, request: GenerationRequest) -> GenerationResult:
         llm = self._require()
         started = time.monotonic()
-        specs = self.tools.subset(request.tools)
-        offered = specs if request.offered_tools is None else self.tools.subset(
-            request.offered_tools)
-        rendered = self._format.render(request.messages, offered,
-                                       thinking=request.enable_thinking)
-        prefix = llm.tokenize(rendered.prefix)
-        suffix = llm.tokenize(rendered.text[len(rendered.prefix):])
-        usage = Usage(prompt_tokens=len(prefix) + len(suffix))
-        budget = llm.n_ctx - usage.prompt_tokens
-        if budget < 1:
-            raise RequestError(
-                f'prompt has {usage.prompt_tokens} tokens, the context holds {llm.n_ctx}')
-        max_tokens = min(request.sampling.max_tokens, budget)
-        stopper = _Stopper(request)
+        prepared = self.prepare(request, llm.tokenize, llm.n_ctx)
+        usage = prepared.usage
+        stopper = Stopper(request)
         result = GenerationResult(usage=usage)
         try:
-            pos = self._prefill(llm, prefix, suffix, usage, stopper)
+            pos = self._prefill(llm, prepared.prefix, prepared.suffix, usage, stopper)
         except DecodeAbortedError:
             result.finish_reason = stopper.reason or FinishReason.CANCELLED
             usage.prefill_s = usage.total_s = time.monotonic() - started
             return result
         usage.prefill_s = time.monotonic() - started
-        grammar = None
-        if request.constrained and (specs or request.tool_choice is not ToolChoice.NONE):
-            grammar = self._grammars.fresh(
-                build_grammar(specs, request.tool_choice, rendered.reasoning_open,
-                              request.max_tool_calls))
+        grammar = None if prepared.grammar is None else self._grammars.fresh(prepared.grammar)
         with SamplerChain(request.sampling, grammar, llm.n_vocab, llm.eog_tokens) as sampler:
-            raw, finish = self._decode_loop(llm, sampler, pos, max_tokens, stopper, usage,
-                                            started, request.on_token)
+            raw, finish = self._decode_loop(llm, sampler, pos, prepared.max_tokens, stopper,
+                                            usage, started, request.on_token)
         usage.total_s = time.monotonic() - started
         result.raw_text = raw
         result.finish_reason = finish
-        self._fill_answer(result, specs, rendered.reasoning_open)
-        return result
+        return self.finish(result, prepared)
 
     def _prefill(self, llm: LlamaContext, prefix: list[int], suffix: list[int], usage: Usage,
                  stopper: Callable[[], bool]) -> int:
@@ -218,7 +180,7 @@ class LlamaBackend(Backend):
         return len(prefix) + len(suffix)
 
     def _decode_loop(self, llm: LlamaContext, sampler: SamplerChain, pos: int, max_tokens: int,
-                     stopper: _Stopper, usage: Usage, started: float,
+                     stopper: Stopper, usage: Usage, started: float,
                      on_token: Optional[Callable[[str], None]]) -> tuple[str, FinishReason]:
         decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
         pieces: list[str] = []
@@ -249,15 +211,3 @@ class LlamaBackend(Backend):
         if first_at:
             usage.decode_s = time.monotonic() - first_at
         return ''.join(pieces), finish
-
-    def _fill_answer(self, result: GenerationResult, specs: list[ToolSpec],
-                     reasoning_open: bool) -> None:
-        parsed = parse_output(result.raw_text, specs, thinking=reasoning_open)
-        result.reasoning = parsed.reasoning
-        result.text = parsed.content
-        if result.complete:
-            result.tool_calls, result.rejected = validate_calls(
-                parsed, self.tools, allowed={s.name for s in specs})
-        elif parsed.calls or parsed.errors:
-            result.rejected = [f'generation ended by {result.finish_reason.value}: '
-                               'incomplete tool calls dropped']

@@ -146,8 +146,13 @@ def check_scale(name: str, scale: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight * scale`` in ``dtype``; the product is formed in fp32, then rounded once."""
-    return (weight.to(torch.float32) * scale.to(weight.device, torch.float32)).to(dtype)
+    """``weight * scale`` in ``dtype``, rounded once, without an fp32 copy of the matrix.
+
+    FP8 e4m3 values convert to BF16, FP16 and FP32 exactly, and PyTorch multiplies by a
+    Python-number scale in fp32 ("opmath") before rounding to ``dtype``, so this equals
+    ``(weight.float() * scale).to(dtype)`` (the tests check it) at a third of the memory.
+    """
+    return weight.to(dtype).mul_(float(scale))
 
 
 class FP8Linear(nn.Module):

@@ -10,8 +10,10 @@ Two formats, one tool-call syntax:
   ChatML turn markers inside message text (commands, perception, tool results) are
   dropped, so such text cannot forge a turn.
 * :class:`TemplateFormat` renders any other model's embedded GGUF chat template in a
-  sandbox. The tool list and the *same* native call syntax are explained in the system
-  message, so one grammar and one parser serve every model.
+  sandbox. The system message lists the tools as ready-made call blocks in the *same* native
+  syntax (:func:`render_call_menu`), so one grammar and one parser serve every model.
+  Nemotron's long tool section, with its ``example_function_name`` example, is meant for a
+  model trained on it: a small model copies the example instead of choosing a tool.
 
 Each render returns a :class:`RenderedPrompt` whose ``prefix`` (the system turn with the
 tools) is identical for every request with the same system prompt and tools: a backend
@@ -23,7 +25,7 @@ from __future__ import annotations
 import abc
 import datetime
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -55,6 +57,9 @@ TOOLS_FOOTER = (
     ' current knowledge and do not tell the user about function calls'
     '\n</IMPORTANT>')
 """The call-format instructions of Nemotron 3's chat template, verbatim."""
+
+CALL_MENU_HEADER = '# Tools\n\nTo act, reply with one or more of these function calls, filled in:'
+CALL_MENU_FOOTER = 'If no function fits, answer in plain words.'
 
 _PROBES = ('\x01probe-a\x01', '\x02probe-b\x02')
 
@@ -112,11 +117,11 @@ class NemotronFormat(PromptFormat):
 class TemplateFormat(PromptFormat):
     """A model's own Jinja chat template, rendered in an immutable sandbox.
 
-    Tools are described in the system message (Nemotron's wording and syntax); past calls
-    are written into assistant text in the native syntax and tool results become user turns
-    of ``<tool_response>`` blocks, so the template needs no tool support of its own. A
-    template that refuses a system role gets the system text at the top of the first user
-    turn instead.
+    Tools are offered in the system message as a menu of call blocks in the native syntax
+    (:func:`render_call_menu`); past calls are written into assistant text in the same syntax
+    and tool results become user turns of ``<tool_response>`` blocks, so the template needs
+    no tool support of its own. A template that refuses a system role gets the system text
+    at the top of the first user turn instead.
     """
 
     name = 'template'
@@ -138,7 +143,7 @@ class TemplateFormat(PromptFormat):
     def render(self, messages: Sequence[Message], tools: Sequence[ToolSpec] = (), *,
                thinking: bool = False) -> RenderedPrompt:
         system, rest = split_system(messages)
-        head = system_text(system, tools)
+        head = system_text(system, tools, render_call_menu)
         turns = _plain_turns(rest)
         text = self._render(head, turns, thinking, generation=True)
         probes = [self._render(head, [{'role': 'user', 'content': p}], thinking, False)
@@ -198,10 +203,31 @@ def render_tools_section(tools: Sequence[ToolSpec]) -> str:
     return TOOLS_HEADER + ''.join(_function_block(t) for t in tools) + TOOLS_FOOTER
 
 
-def system_text(system: str, tools: Sequence[ToolSpec]) -> str:
-    """The system turn's content: the system prompt, a blank line, then the tools block."""
-    section = render_tools_section(tools)
-    return '\n\n'.join(part for part in (system, section) if part)
+def render_call_menu(tools: Sequence[ToolSpec]) -> str:
+    """The tools section for models other than Nemotron 3 ('' without tools).
+
+    Each tool is one line of description (its parameters' descriptions and allowed values
+    included: enum values joined by ``|``, numeric bounds with the limits folded in) followed
+    by its call block in the native syntax. A model that copies a block copies a real tool
+    name and the exact syntax. The blocks show the required parameters only, each with its
+    name in capitals as the value: small models copy whatever stands in a value slot (a first
+    enum value, a lower bound, an optional parameter), while a placeholder the grammar
+    refuses leaves the choice to the request.
+
+    Tools are listed in reverse order, so the first one offered sits nearest the request:
+    small models weigh the nearest block most. On SmolLM2-135M that order took the example
+    tool set from 4/10 to 10/10 correct picks.
+    """
+    if not tools:
+        return ''
+    blocks = [_call_block(t) for t in reversed(tools)]
+    return '\n\n'.join([CALL_MENU_HEADER, *blocks, CALL_MENU_FOOTER])
+
+
+def system_text(system: str, tools: Sequence[ToolSpec],
+                section: Callable[[Sequence[ToolSpec]], str] = render_tools_section) -> str:
+    """The system turn's content: the system prompt, a blank line, then the tools section."""
+    return '\n\n'.join(part for part in (system, section(tools)) if part)
 
 
 def split_system(messages: Sequence[Message]) -> tuple[str, list[Message]]:
@@ -227,6 +253,40 @@ def _function_block(tool: ToolSpec) -> str:
     out.append(_extra_keys(parameters, ('type', 'properties')))
     out.append('\n</parameters>\n</function>')
     return ''.join(out)
+
+
+def _call_block(tool: ToolSpec) -> str:
+    parameters = tool.effective_parameters
+    properties = parameters.get('properties', {})
+    required = set(parameters.get('required', ()))
+    notes = [tool.description.strip()]
+    for name, fields in properties.items():
+        details = [fields.get('description', '').strip().rstrip('.'), _value_hint(fields)]
+        label = name if name in required else f'{name} (optional)'
+        notes.append(f"{label}: {'; '.join(d for d in details if d)}.")
+    placeholders = {name: name.upper() for name in properties if name in required}
+    description = ' '.join(note for note in notes if note)
+    return f'{description}\n{render_tool_call(tool.name, placeholders)}'
+
+
+def _value_hint(fields: Mapping[str, Any]) -> str:
+    """What a parameter's value may be, in a few words ('' for plain text)."""
+    kind = fields.get('type')
+    if 'enum' in fields:
+        return ' | '.join(v if isinstance(v, str) else _tojson(v) for v in fields['enum'])
+    if kind in ('number', 'integer'):
+        bounds = [f'{word} {_python_str(fields[key])}' for key, word in (
+            ('minimum', 'at least'), ('exclusiveMinimum', 'greater than'),
+            ('maximum', 'at most'), ('exclusiveMaximum', 'less than')) if key in fields]
+        if 'minimum' in fields and 'maximum' in fields and len(bounds) == 2:
+            bounds = [f"from {_python_str(fields['minimum'])} to {_python_str(fields['maximum'])}"]
+        return ' '.join([kind, ', '.join(bounds)]) if bounds else kind
+    if kind == 'boolean':
+        return 'true | false'
+    if kind == 'string':
+        return ''
+    schema = {k: v for k, v in fields.items() if k not in ('description', 'title')}
+    return f'JSON {_tojson(schema)}'
 
 
 def _extra_keys(fields: Mapping[str, Any], handled: Sequence[str]) -> str:

@@ -41,14 +41,12 @@ from typing import Any, Optional
 
 import torch
 
-from .backend import Backend, BackendError, ModelInfo, RequestError
-from .grammar import build_grammar
-from .prompt_format import PromptFormat, select_prompt_format
-from .tool_parser import parse_output, validate_calls
-from .tools import ToolRegistry, ToolSpec
+from .backend import Backend, BackendError, ModelInfo, Stopper
+from .prompt_format import select_prompt_format
+from .tools import ToolRegistry
 from .torch_checkpoint import FP8_MODES, CheckpointError, load_checkpoint
 from .torch_sampling import Sampler
-from .types import FinishReason, GenerationRequest, GenerationResult, ToolChoice, Usage
+from .types import FinishReason, GenerationRequest, GenerationResult, Usage
 from .xgrammar_constraint import GrammarBackend, RequestGrammar
 
 DTYPES = {'auto': torch.bfloat16, 'bfloat16': torch.bfloat16, 'float16': torch.float16,
@@ -63,8 +61,8 @@ class TorchConfig:
     :param device: 'auto' (the first CUDA GPU if there is one, else the CPU), 'cpu',
         'cuda' or 'cuda:N'.
     :param dtype: compute dtype: 'auto' (= 'bfloat16'), 'bfloat16', 'float16' or 'float32'.
-        On CPUs without native BF16 (no AVX512-BF16/AMX) 'float32' decodes several times
-        faster at twice the memory.
+        On CPUs without native BF16 (no AVX512-BF16/AMX) 'float32' can decode faster, at
+        twice the memory (benchmarks/bench_torch.py measures both).
     :param fp8: for FP8 checkpoints: 'auto' (FP8 matmuls on CUDA compute capability >= 8.9,
         dequantize elsewhere), 'dequantize' or 'scaled_mm' (FP8 matmuls anywhere; slow on a
         CPU, for tests).
@@ -116,24 +114,6 @@ class TorchConfig:
         return DTYPES[self.dtype]
 
 
-class _Stopper:
-    """Deadline and cancel checks shared by prefill and decode."""
-
-    def __init__(self, request: GenerationRequest) -> None:
-        self.deadline = request.deadline
-        self.cancel = request.cancel
-        self.reason: Optional[FinishReason] = None
-
-    def __call__(self) -> bool:
-        if self.reason is not None:
-            return True
-        if self.cancel is not None and self.cancel.cancelled:
-            self.reason = self.cancel.reason
-        elif self.deadline is not None and time.monotonic() >= self.deadline:
-            self.reason = FinishReason.DEADLINE
-        return self.reason is not None
-
-
 @dataclass
 class _Loaded:
     """Everything a loaded model needs at generation time."""
@@ -155,7 +135,6 @@ class TorchBackend(Backend):
         super().__init__(tools)
         self.config = config
         self._state: Optional[_Loaded] = None
-        self._format: Optional[PromptFormat] = None
         self._prefix: Optional[tuple[list[int], Any]] = None
         self.info: Optional[ModelInfo] = None
 
@@ -173,20 +152,19 @@ class TorchBackend(Backend):
         try:
             loaded = load_checkpoint(path, device, self.config.torch_dtype(), self.config.fp8)
             tokenizer = _load_tokenizer(path)
-        except CheckpointError as exc:
-            raise BackendError(str(exc)) from exc
-        config = loaded.config
-        try:
-            self._format = select_prompt_format(
+            config = loaded.config
+            self.prompt_format = select_prompt_format(
                 {'general.architecture': config.model_type,
                  'tokenizer.chat_template': getattr(tokenizer, 'chat_template', None) or ''},
                 bos_token=tokenizer.bos_token or '', eos_token=tokenizer.eos_token or '')
-        except ValueError as exc:
+            n_vocab = int(config.vocab_size)
+            stop_ids = _stop_ids(tokenizer, config, path)
+            grammars = GrammarBackend(tokenizer, n_vocab, sorted(stop_ids),
+                                      threads=self.config.n_threads or 1)
+        except CheckpointError as exc:
+            raise BackendError(str(exc)) from exc
+        except (ValueError, RuntimeError) as exc:
             raise BackendError(f'{path}: {exc}') from exc
-        n_vocab = int(config.vocab_size)
-        stop_ids = _stop_ids(tokenizer, config, path)
-        grammars = GrammarBackend(tokenizer, n_vocab, sorted(stop_ids),
-                                  threads=self.config.n_threads or 1)
         self._state = _Loaded(
             model=loaded.model, tokenizer=tokenizer, grammars=grammars,
             token_bytes=_token_bytes(grammars, tokenizer), stop_ids=frozenset(stop_ids),
@@ -194,7 +172,7 @@ class TorchBackend(Backend):
         self._prefix = None
         recurrent = any(kind == 'linear_attention' for kind in config.layers_block_type)
         self.info = ModelInfo(path=str(path), architecture=config.model_type,
-                              chat_format=self._format.name, n_ctx=self.config.n_ctx,
+                              chat_format=self.prompt_format.name, n_ctx=self.config.n_ctx,
                               n_vocab=n_vocab, recurrent=recurrent)
         return self.info
 
@@ -235,29 +213,18 @@ class TorchBackend(Backend):
     def generate(self, request: GenerationRequest) -> GenerationResult:
         state = self._require()
         started = time.monotonic()
-        specs = self.tools.subset(request.tools)
-        rendered = self._format.render(request.messages, specs,
-                                       thinking=request.enable_thinking)
-        prefix = self._encode(rendered.prefix)
-        suffix = self._encode(rendered.text[len(rendered.prefix):])
-        usage = Usage(prompt_tokens=len(prefix) + len(suffix))
-        budget = self.config.n_ctx - usage.prompt_tokens
-        if budget < 1:
-            raise RequestError(
-                f'prompt has {usage.prompt_tokens} tokens, the context holds {self.config.n_ctx}')
-        max_tokens = min(request.sampling.max_tokens, budget)
+        prepared = self.prepare(request, self._encode, self.config.n_ctx)
+        usage = prepared.usage
         grammar = None
-        if request.constrained and (specs or request.tool_choice is not ToolChoice.NONE):
-            grammar = state.grammars.start(
-                build_grammar(specs, request.tool_choice, rendered.reasoning_open,
-                              request.max_tool_calls), state.device)
+        if prepared.grammar is not None:
+            grammar = state.grammars.start(prepared.grammar, state.device)
         banned = list(state.unused_ids)
         if grammar is None and request.sampling.ignore_eos:
             banned += sorted(state.stop_ids)
-        stopper = _Stopper(request)
+        stopper = Stopper(request)
         result = GenerationResult(usage=usage)
         with torch.inference_mode():
-            prefilled = self._prefill(state, prefix, suffix, usage, stopper)
+            prefilled = self._prefill(state, prepared.prefix, prepared.suffix, usage, stopper)
             usage.prefill_s = time.monotonic() - started
             if prefilled is None:
                 result.finish_reason = stopper.reason or FinishReason.CANCELLED
@@ -265,17 +232,16 @@ class TorchBackend(Backend):
                 return result
             sampler = Sampler(request.sampling, state.device, banned)
             raw, finish, error = self._decode_loop(
-                state, prefilled, sampler, grammar, max_tokens, stopper, usage, started,
+                state, prefilled, sampler, grammar, prepared.max_tokens, stopper, usage, started,
                 request.on_token)
         usage.total_s = time.monotonic() - started
         result.raw_text = raw
         result.finish_reason = finish
         result.error = error
-        self._fill_answer(result, specs, rendered.reasoning_open)
-        return result
+        return self.finish(result, prepared)
 
     def _prefill(self, state: _Loaded, prefix: list[int], suffix: list[int], usage: Usage,
-                 stopper: _Stopper) -> Optional[tuple[Any, torch.Tensor]]:
+                 stopper: Stopper) -> Optional[tuple[Any, torch.Tensor]]:
         """(cache, last logits) at the end of the prompt, or None when stopped on the way."""
         if not self.config.prefix_cache or not prefix:
             cache = _new_cache(state.model)
@@ -306,7 +272,7 @@ class TorchBackend(Backend):
 
     def _decode_loop(self, state: _Loaded, prefilled: tuple[Any, torch.Tensor],
                      sampler: Sampler, grammar: Optional[RequestGrammar], max_tokens: int,
-                     stopper: _Stopper, usage: Usage, started: float,
+                     stopper: Stopper, usage: Usage, started: float,
                      on_token: Optional[Callable[[str], None]]
                      ) -> tuple[str, FinishReason, str]:
         """Sample until a stop token, max_tokens, the deadline or a cancel.
@@ -351,18 +317,6 @@ class TorchBackend(Backend):
         if first_at:
             usage.decode_s = time.monotonic() - first_at
         return ''.join(pieces), finish, error
-
-    def _fill_answer(self, result: GenerationResult, specs: list[ToolSpec],
-                     reasoning_open: bool) -> None:
-        parsed = parse_output(result.raw_text, specs, thinking=reasoning_open)
-        result.reasoning = parsed.reasoning
-        result.text = parsed.content
-        if result.complete:
-            result.tool_calls, result.rejected = validate_calls(
-                parsed, self.tools, allowed={s.name for s in specs})
-        elif parsed.calls or parsed.errors:
-            result.rejected = [f'generation ended by {result.finish_reason.value}: '
-                               'incomplete tool calls dropped']
 
 
 def _forward(state: _Loaded, tokens: Sequence[int], cache: Any) -> torch.Tensor:

@@ -254,13 +254,15 @@ def _load_tensors(headers: Mapping[str, tuple[Path, str, tuple[int, ...]]],
         if module in quantized:
             weight_scale, input_scale = quantized[module]
             if module in kept:
-                yield target, tensor
+                yield target, tensor.clone() if tensor.device.type == 'cpu' else tensor
                 yield module_name(module) + '.weight_scale', weight_scale.to(device)
                 yield module_name(module) + '.input_scale', input_scale.to(device)
             else:
                 yield target, dequantize(tensor, weight_scale, dtype)
         else:
-            yield target, tensor.to(dtype)
+            # A CPU tensor of the right dtype would stay a view of the memory-mapped file,
+            # read from disk on first use: copy, so that a loaded model is in memory.
+            yield target, tensor.to(dtype, copy=tensor.device.type == 'cpu')
 
 
 def _read(headers: Mapping[str, tuple[Path, str, tuple[int, ...]]], names: list[str],
@@ -277,8 +279,9 @@ def _read(headers: Mapping[str, tuple[Path, str, tuple[int, ...]]], names: list[
 
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], config: Any, path: Path) -> None:
     expected = model.state_dict()
-    if getattr(config, 'tie_word_embeddings', False) and 'lm_head.weight' not in state:
-        state['lm_head.weight'] = state.get('model.embeddings.weight')
+    tied = getattr(config, 'tie_word_embeddings', False)
+    if tied and 'lm_head.weight' not in state and 'model.embeddings.weight' in state:
+        state['lm_head.weight'] = state['model.embeddings.weight']
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -36,6 +36,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from nemotron_ros.testing.models import tiny_nemotron_h_path
@@ -60,8 +61,9 @@ CALIBRATION_PROMPTS: tuple[str, ...] = (
     '</function>\n</tool_call>',
 )
 
-MID_HF_PRESET: Mapping[str, object] = {'n_embd': 1024, 'n_layer': 8}
-"""A ~60M-parameter random NemotronH (hidden 1024, 8 layers) for benchmarks."""
+MID_HF_PRESET: Mapping[str, object] = MappingProxyType({'n_embd': 1024, 'n_layer': 8,
+                                                       'dtype': 'f16'})
+"""A ~57M-parameter random NemotronH (hidden 1024, 8 layers) for benchmarks."""
 
 _CONTROL, _USER_DEFINED, _UNKNOWN = 3, 4, 2
 _QUANTIZED_SUFFIXES = ('mixer.in_proj', 'mixer.out_proj', 'mixer.q_proj', 'mixer.k_proj',
