@@ -1,9 +1,10 @@
 """Static checks of launch/nemotron.launch.py that run everywhere, without the launch package.
 
 The launch file is parsed with ``ast``, never imported (launch and launch_ros are not on PyPI),
-and held against what it relies on: the issue's argument list, the params file it defaults to,
-the executable CMake installs, the node's name and package.xml's run-time dependencies. Its
-behaviour at run time is covered by test_launch.py wherever launch_pytest is installed.
+and held against what it relies on and what documents it: the README's list of arguments and
+its ``ros2 launch`` commands, the params file it defaults to, the executable CMake installs, the
+node's name and package.xml's run-time dependencies. Its behaviour at run time is covered by
+test_launch.py wherever launch_pytest is installed.
 """
 
 from __future__ import annotations
@@ -78,6 +79,27 @@ def _literal(node: ast.expr | None) -> object:
 
 def test_declares_the_promised_arguments(arguments: dict[str, Argument]) -> None:
     assert set(arguments) == EXPECTED_ARGUMENTS
+
+
+def test_readme_documents_exactly_the_declared_arguments(
+        arguments: dict[str, Argument]) -> None:
+    readme = (ROOT / 'README.md').read_text()
+    listed = re.search(r'Launch\s+arguments:(.*?)\.\s', readme, re.S)
+    assert listed, "README.md has no 'Launch arguments: ...' sentence"
+    assert set(re.findall(r'`(\w+)`', listed.group(1))) == set(arguments)
+    documented_default = re.search(r'`autostart`\s*\([^)]*default (\w+)\)', listed.group(1))
+    assert documented_default, 'README.md does not give the default of autostart'
+    assert documented_default.group(1) == _literal(arguments['autostart'].default)
+
+
+def test_documented_commands_use_declared_arguments(arguments: dict[str, Argument]) -> None:
+    """Every ``name:=value`` of a ``ros2 launch`` command in the docs is a declared argument."""
+    for path in [ROOT / 'README.md', *sorted((ROOT / 'config').glob('*.yaml')), LAUNCH_FILE]:
+        text = path.read_text()
+        for command in re.findall(r'ros2 launch nemotron_ros nemotron\.launch\.py'
+                                  r'((?:[ \t]*\\?\\?\n[ \t#]*|[ \t]+)\w+:=\S+)+', text):
+            names = set(re.findall(r'(\w+):=', command))
+            assert names <= set(arguments), f'{path.name}: unknown {names - set(arguments)}'
 
 
 def test_every_argument_has_a_default_and_a_description(

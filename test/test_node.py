@@ -116,9 +116,16 @@ def node_factory(ros):
         node.close()
 
 
-@pytest.fixture
-def served(ros, node_factory, tiny_model):
-    node = node_factory(tiny_model)
+@pytest.fixture(params=['llama_cpp', 'torch'])
+def served(request, ros, node_factory, tiny_model, tmp_path_factory):
+    if request.param == 'torch':
+        pytest.importorskip('torch', reason='the torch backend is not installed '
+                            '(NEMOTRON_WITH_TORCH=1 tools/setup.sh)')
+        from nemotron_ros.testing.tiny_hf import tiny_hf_path
+        model = str(tiny_hf_path(tmp_path_factory.mktemp('hf')))
+        node = node_factory(model, backend='torch', n_ctx=8192)
+    else:
+        node = node_factory(tiny_model)
     client = Client(ros)
     assert wait_for(client.connected, 10.0)
     return node, client

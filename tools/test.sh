@@ -3,6 +3,9 @@
 # through real DDS on loopback with a ROS domain of this run's own.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The suite covers the torch backend too (NEMOTRON_WITH_TORCH=0 skips installing it; its
+# tests then skip with a reason).
+export NEMOTRON_WITH_TORCH=${NEMOTRON_WITH_TORCH:-1}
 "$ROOT/tools/setup.sh"
 # shellcheck disable=SC1091
 . "$ROOT/tools/env.sh"
