@@ -117,7 +117,7 @@ def test_plan_service_round_trip(ros) -> None:
                            priority=1, allowed_tools=['navigate_to', 'say'],
                            enable_thinking=False, max_tokens=64)
     future = client.call_async(request)
-    assert wait_for(future.done, timeout=10.0)
+    assert wait_for(future.done, timeout=30.0)
     action = future.result().action
     assert action.request_id == 'plan-7'
     assert action.status_message == 'goal=go to the kitchen'
@@ -164,7 +164,7 @@ class _StreamingServer:
 def _send_goal(client, feedback: list):
     goal = Execute.Goal(goal='say hello', latency_budget_ms=2000)
     future = client.send_goal_async(goal, feedback_callback=lambda fb: feedback.append(fb))
-    assert wait_for(future.done, timeout=10.0)
+    assert wait_for(future.done, timeout=30.0)
     handle = future.result()
     assert handle.accepted
     return handle
@@ -177,7 +177,7 @@ def test_execute_action_streams_feedback_and_returns_result(ros) -> None:
     feedback: list = []
     handle = _send_goal(client, feedback)
     result_future = handle.get_result_async()
-    assert wait_for(result_future.done, timeout=10.0)
+    assert wait_for(result_future.done, timeout=30.0)
     wrapped = result_future.result()
     assert wrapped.status == GoalStatus.STATUS_SUCCEEDED
     assert wrapped.result.action.status == Action.STATUS_OK
@@ -197,10 +197,10 @@ def test_execute_action_cancel_ends_canceled(ros) -> None:
     assert server.accepted.wait(10.0)
     assert wait_for(lambda: len(feedback) >= 2)
     cancel_future = handle.cancel_goal_async()
-    assert wait_for(cancel_future.done, timeout=10.0)
+    assert wait_for(cancel_future.done, timeout=30.0)
     assert len(cancel_future.result().goals_canceling) == 1
     result_future = handle.get_result_async()
-    assert wait_for(result_future.done, timeout=10.0)
+    assert wait_for(result_future.done, timeout=30.0)
     assert result_future.result().status == GoalStatus.STATUS_CANCELED
     assert result_future.result().result.action.status == Action.STATUS_CANCELED
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import RosHarness, wait_for
 
 launch_pytest = pytest.importorskip(
@@ -29,6 +30,9 @@ from launch.events.process import ProcessExited, ProcessIO  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from lifecycle_msgs.srv import ChangeState, GetState  # noqa: E402
+from rcl_interfaces.msg import ParameterType, ParameterValue  # noqa: E402
+from rcl_interfaces.srv import GetParameters  # noqa: E402
+from rclpy.client import Client  # noqa: E402
 
 from nemotron_ros.msg import Action  # noqa: E402
 from nemotron_ros.srv import Plan  # noqa: E402
@@ -78,9 +82,10 @@ class ProcessOutput:
 
 
 class LifecycleProbe:
-    """A client of one lifecycle node's get_state and change_state services."""
+    """A client of one lifecycle node's services: get_state, change_state, get_parameters."""
 
     def __init__(self, ros: RosHarness, node: str) -> None:
+        self._node = node
         self._client = ros.node(f'launch_probe_{uuid.uuid4().hex[:6]}')
         self._get_state = self._client.create_client(GetState, f'{node}/get_state')
         self._change_state = self._client.create_client(ChangeState, f'{node}/change_state')
@@ -113,9 +118,24 @@ class LifecycleProbe:
         assert wait_for(future.done, timeout), f'{self._change_state.srv_name} did not answer'
         return future.result().success
 
-    def create_client(self, srv_type: type, name: str):
+    def create_client(self, srv_type: type, name: str) -> Client:
         """A service client on the probe's node (for the node's own services)."""
         return self._client.create_client(srv_type, name)
+
+    def parameters(self, *names: str) -> dict[str, object]:
+        """Current values of the node's parameters ``names`` (bool or string ones)."""
+        client = self._client.create_client(GetParameters, f'{self._node}/get_parameters')
+        assert client.wait_for_service(timeout_sec=START_TIMEOUT_S)
+        future = client.call_async(GetParameters.Request(names=list(names)))
+        assert wait_for(future.done, 10.0), 'get_parameters did not answer'
+        values = future.result().values
+        return {name: _value(value) for name, value in zip(names, values, strict=True)}
+
+
+def _value(value: ParameterValue) -> object:
+    """The Python value of an rcl_interfaces/ParameterValue of type bool or string."""
+    return {ParameterType.PARAMETER_BOOL: value.bool_value,
+            ParameterType.PARAMETER_STRING: value.string_value}.get(value.type)
 
 
 def _launch(output: ProcessOutput, **arguments: str) -> launch.LaunchDescription:
@@ -144,6 +164,21 @@ def output() -> ProcessOutput:
 def autostarted(tiny_model: str, output: ProcessOutput) -> launch.LaunchDescription:
     """The default launch (autostart) in a robot namespace."""
     return _launch(output, model_path=tiny_model, namespace=NAMESPACE)
+
+
+@pytest.fixture
+def params_file(tmp_path: Path, tiny_model: str) -> Path:
+    """A params file that names the model itself (the launch's model_path stays empty)."""
+    path = tmp_path / 'params.yaml'
+    path.write_text(yaml.safe_dump({'/**': {'ros__parameters': {
+        'model_path': tiny_model, 'n_ctx': 6144, 'n_threads': 1}}}))
+    return path
+
+
+@launch_pytest.fixture
+def from_params_file(params_file: Path, output: ProcessOutput) -> launch.LaunchDescription:
+    """Model from a params file; sim time and debug logging from launch arguments."""
+    return _launch(output, params_file=str(params_file), use_sim_time='true', log_level='debug')
 
 
 @launch_pytest.fixture
@@ -187,6 +222,18 @@ def test_autostart_does_not_undo_an_operator_deactivate(ros: RosHarness) -> None
         'the node was re-activated after a deactivate'
 
 
+@pytest.mark.launch(fixture=from_params_file)
+def test_empty_model_path_keeps_the_params_file_value(
+        ros: RosHarness, output: ProcessOutput, tiny_model: str) -> None:
+    """params_file is used, '' arguments do not override it, the other arguments apply."""
+    probe = LifecycleProbe(ros, '/nemotron')
+    probe.wait_for_state('active')
+    output.line_with('loaded', tiny_model, 'n_ctx 6144')
+    assert probe.parameters('model_path', 'tools_file', 'use_sim_time') == {
+        'model_path': tiny_model, 'tools_file': '', 'use_sim_time': True}
+    assert any('[DEBUG]' in line for line in output.lines()), 'log_level:=debug had no effect'
+
+
 @pytest.mark.launch(fixture=bad_model)
 def test_bad_model_path_leaves_it_unconfigured_with_a_clear_log_line(
         ros: RosHarness, output: ProcessOutput, tmp_path: Path) -> None:
@@ -195,6 +242,7 @@ def test_bad_model_path_leaves_it_unconfigured_with_a_clear_log_line(
     assert 'ERROR' in line
     probe = LifecycleProbe(ros, '/nemotron')
     assert probe.state() == 'unconfigured'
+    assert [ln for ln in output.lines() if 'configure failed' in ln] == [line]
     assert not [ln for ln in output.lines() if 'Traceback' in ln]
 
 
