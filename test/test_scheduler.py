@@ -490,7 +490,7 @@ def test_config_errors_name_the_parameter():
 # feedback publisher would), because the tiny model decodes thousands of tokens per second and
 # ends its answers after a few dozen.
 
-REAL_MODELS = ('tiny_nemotron_h',)
+REAL_MODELS = ('tiny_nemotron_h', 'smollm2')
 LONG_PROMPT = 'Count from 1 to 500, one number per line, without stopping.'
 
 
