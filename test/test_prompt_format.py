@@ -11,6 +11,7 @@ from nemotron_ros.engine.prompt_format import (
     PromptFormatError,
     RenderedPrompt,
     TemplateFormat,
+    render_call_menu,
     render_tools_section,
     select_prompt_format,
 )
@@ -57,6 +58,18 @@ EXPECTED_SYSTEM = (
     '\n- If there is no function call available, answer the question like normal with your'
     ' current knowledge and do not tell the user about function calls\n</IMPORTANT>'
     '<|im_end|>\n')
+
+EXPECTED_TEMPLATE_SYSTEM = (
+    '<|im_start|>system\nYou are a robot.\n\n'
+    '# Tools\n\nTo act, reply with one or more of these function calls, filled in:'
+    '\n\nStop now.\n<tool_call>\n<function=stop>\n</function>\n</tool_call>'
+    '\n\nDrive to a place. target: Where to go; kitchen | table.'
+    ' speed (optional): number at most 1.0.'
+    '\n<tool_call>\n<function=navigate_to>\n<parameter=target>\nTARGET\n</parameter>'
+    '\n</function>\n</tool_call>'
+    '\n\nFormat:\n<tool_call>\n<function=NAME>\n<parameter=ARGUMENT>\nVALUE\n</parameter>'
+    '\n</function>\n</tool_call>'
+    '\n\nIf no function fits, answer in plain words.<|im_end|>\n')
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
@@ -155,7 +168,7 @@ def test_template_format_puts_tools_in_system_message() -> None:
     call = ToolCall('call_0', 'stop', {})
     rendered = fmt.render([SYSTEM, Message('user', 'Halt!'), Message('assistant', '', (call,)),
                            Message('tool', 'stopped')], list(SMALL))
-    assert rendered.text.startswith(EXPECTED_SYSTEM)
+    assert rendered.text.startswith(EXPECTED_TEMPLATE_SYSTEM)
     assert ('<|im_start|>assistant\n<tool_call>\n<function=stop>\n</function>\n</tool_call>'
             '<|im_end|>\n') in rendered.text
     assert ('<|im_start|>user\n<tool_response>\nstopped\n</tool_response><|im_end|>\n'
@@ -169,9 +182,25 @@ def test_template_prefix_is_stable_and_a_prefix() -> None:
     second = fmt.render([SYSTEM, Message('user', 'Stop'), Message('assistant', 'ok'),
                          Message('user', 'again')], list(SMALL))
     assert first.prefix == second.prefix
-    assert first.prefix.startswith(EXPECTED_SYSTEM)
+    assert first.prefix.startswith(EXPECTED_TEMPLATE_SYSTEM)
     assert first.text.startswith(first.prefix) and second.text.startswith(second.prefix)
     assert first.prefix.endswith('\n')
+
+
+def test_call_menu_offers_every_tool_as_a_parseable_block_nearest_first() -> None:
+    registry = ToolRegistry.from_yaml(EXAMPLE)
+    menu = render_call_menu(list(registry))
+    parsed = parse_output(menu)
+    assert [c.name for c in parsed.calls] == [*reversed(registry.names), 'NAME']
+    assert parsed.errors == []
+    for call in parsed.calls[:-1]:
+        spec = registry.get(call.name)
+        assert call.arguments == {name: name.upper() for name in spec.required}
+    assert ('speed (optional): Cruise speed in m/s; leave out for the default; '
+            'number from 0.1 to 0.5.') in menu  # the limit max 0.5 folded in
+    assert 'duration: How long to drive, in seconds; number greater than 0, at most 5.' in menu
+    assert 'example_function_name' not in menu
+    assert render_call_menu([]) == ''
 
 
 def test_template_without_system_role_gets_system_text_in_first_user_turn() -> None:

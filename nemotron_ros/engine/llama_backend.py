@@ -203,8 +203,9 @@ class LlamaBackend(Backend):
                 pieces.append(text)
                 if on_token is not None:
                     on_token(text)
-            llm.decode_one(token, pos, WORK_SEQ)
-            pos += 1
+            if usage.completion_tokens < max_tokens:  # the last token's logits are never used
+                llm.decode_one(token, pos, WORK_SEQ)
+                pos += 1
         tail = decoder.decode(b'', final=True)
         if tail:
             pieces.append(tail)

@@ -208,20 +208,24 @@ def render_call_menu(tools: Sequence[ToolSpec]) -> str:
 
     Each tool is one line of description (its parameters' descriptions and allowed values
     included: enum values joined by ``|``, numeric bounds with the limits folded in) followed
-    by its call block in the native syntax. A model that copies a block copies a real tool
+    by its call block in the native syntax, so a model that copies a block copies a real tool
     name and the exact syntax. The blocks show the required parameters only, each with its
     name in capitals as the value: small models copy whatever stands in a value slot (a first
-    enum value, a lower bound, an optional parameter), while a placeholder the grammar
-    refuses leaves the choice to the request.
+    enum value, a lower bound, an optional parameter), while a placeholder, which the grammar
+    refuses for enums and numbers, leaves the choice to the request.
 
-    Tools are listed in reverse order, so the first one offered sits nearest the request:
-    small models weigh the nearest block most. On SmolLM2-135M that order took the example
-    tool set from 4/10 to 10/10 correct picks.
+    Small models also copy the block nearest the request. Hence the tools are listed in
+    reverse order, so that the first tool offered comes last, and a generic block
+    (``NAME``/``ARGUMENT``/``VALUE``, which the grammar refuses) follows them, so that no tool
+    wins by position alone. With Nemotron's section, SmolLM2-135M copied the example or
+    picked ``get_battery`` for most robot commands; with this menu it picks the right tool for
+    about two commands in three, in any order of the tools.
     """
     if not tools:
         return ''
     blocks = [_call_block(t) for t in reversed(tools)]
-    return '\n\n'.join([CALL_MENU_HEADER, *blocks, CALL_MENU_FOOTER])
+    generic = 'Format:\n' + render_tool_call('NAME', {'ARGUMENT': 'VALUE'})
+    return '\n\n'.join([CALL_MENU_HEADER, *blocks, generic, CALL_MENU_FOOTER])
 
 
 def system_text(system: str, tools: Sequence[ToolSpec],
