@@ -103,7 +103,7 @@ def _publish_observations(client: DemoClient) -> None:
 def _plan(executor, client: DemoClient, goal: str, budget_ms: int, tools: list[str]) -> None:
     print(f'\n[plan] "{goal}" with a {budget_ms} ms budget, tools {tools}')
     future = client.plan_client.call_async(Plan.Request(
-        goal=goal, latency_budget_ms=budget_ms, allowed_tools=tools, max_tokens=96))
+        goal=goal, latency_budget_ms=budget_ms, allowed_tools=tools, max_tokens=64))
     if _wait(executor, future.done, budget_ms / 1000.0 + 30.0):
         print(describe(future.result().action))
     else:
@@ -116,7 +116,8 @@ def run_demo(model_path: str, tools_file: str, threads: int, timeout: float) -> 
     executable = Path(get_package_prefix('nemotron_ros')) / 'lib' / 'nemotron_ros' / (
         'nemotron_node')
     overrides = {'model_path': model_path, 'tools_file': tools_file, 'n_threads': threads,
-                 'temperature': 0.0, 'default_budget_ms': 10000}
+                 'temperature': 0.0, 'default_budget_ms': 20000, 'max_tokens': 64,
+                 'tool_choice': 'required', 'max_tool_calls': 1}
     command = [sys.executable, str(executable), '--ros-args', '-r', f'__node:={node_name}']
     for name, value in overrides.items():
         if value != '':
@@ -143,10 +144,10 @@ def run_demo(model_path: str, tools_file: str, threads: int, timeout: float) -> 
         for index, text in enumerate(COMMANDS):
             request_id = f'cmd-{index}'
             print(f'\n[command {request_id}] "{text}"')
-            client.commands.publish(Command(id=request_id, text=text, latency_budget_ms=10000))
+            client.commands.publish(Command(id=request_id, text=text, latency_budget_ms=20000))
             if _wait(executor, lambda rid=request_id: rid in client.answers, timeout):
                 print(describe(client.answers[request_id]))
-        _plan(executor, client, 'Bring me the red cup', 8000, ['navigate_to', 'pick', 'say'])
+        _plan(executor, client, 'Bring me the red cup', 15000, ['navigate_to', 'pick', 'say'])
         _plan(executor, client, 'Go to the kitchen', 5, ['navigate_to'])
         return 0
     finally:

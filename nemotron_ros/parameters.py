@@ -19,7 +19,7 @@ from rcl_interfaces.msg import (
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from .engine.config import BACKENDS, FLASH_ATTN, FP8_MODES, EngineConfig
+from .engine.config import BACKENDS, FLASH_ATTN, FP8_MODES, TOOL_CHOICES, EngineConfig
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ SPECS: tuple[Spec, ...] = (
     Spec('max_tokens', 'max_tokens', 'Cap on generated tokens per request.' + _APPLIED,
          1, 1 << 20),
     Spec('max_tool_calls', 'max_tool_calls', 'Most tool calls in one answer.' + _APPLIED, 1, 8),
+    Spec('tool_choice', 'tool_choice', 'auto: a reply or tool calls; required: every answer '
+         'is one or more tool calls (robots whose commands always map to actions).'
+         + _APPLIED, choices=TOOL_CHOICES),
     Spec('max_input_chars', 'max_input_chars', 'Longest accepted request text; longer ones '
          'are INVALID_REQUEST.' + _APPLIED, 1, 1 << 24),
     Spec('temperature', 'temperature', 'Sampling temperature; 0 = greedy.' + _APPLIED, 0.0, 2.0),

@@ -15,6 +15,7 @@ from .types import SamplingParams
 BACKENDS = ('llama_cpp', 'torch')
 FLASH_ATTN = ('auto', 'on', 'off')
 FP8_MODES = ('auto', 'dequantize', 'scaled_mm')
+TOOL_CHOICES = ('auto', 'required')
 
 DEFAULT_SYSTEM_PROMPT = (
     'You are the language interface of a mobile robot. Answer briefly. When an action is '
@@ -48,6 +49,7 @@ class EngineConfig:
     enable_thinking: bool = False
     max_tokens: int = 256
     max_tool_calls: int = 4
+    tool_choice: str = 'auto'
     max_input_chars: int = 16000
     temperature: float = 0.6
     top_p: float = 0.95
@@ -61,6 +63,7 @@ class EngineConfig:
         _one_of('backend', self.backend, BACKENDS)
         _one_of('flash_attn', self.flash_attn, FLASH_ATTN)
         _one_of('fp8', self.fp8, FP8_MODES)
+        _one_of('tool_choice', self.tool_choice, TOOL_CHOICES)
         _at_least('n_ctx', self.n_ctx, 64)
         _at_least('n_threads', self.n_threads, 0)
         _at_least('n_gpu_layers', self.n_gpu_layers, -1)

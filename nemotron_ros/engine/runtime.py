@@ -30,7 +30,7 @@ from .scheduler import (
     SchedulerStats,
 )
 from .tools import ToolConfigError, ToolRegistry
-from .types import GenerationRequest, Message, SamplingParams, TokenCallback
+from .types import GenerationRequest, Message, SamplingParams, TokenCallback, ToolChoice
 from .world_state import WORLD_STATE_NOTE, Observation, WorldState
 
 Clock = Callable[[], float]
@@ -265,6 +265,7 @@ class Engine:
         return GenerationRequest(
             messages=[Message('system', system_prompt(config)), Message('user', user)],
             tools=tools, offered_tools=self._tools.names, max_tool_calls=config.max_tool_calls,
+            tool_choice=ToolChoice(config.tool_choice),
             enable_thinking=thinking, sampling=sampling, on_token=prompt.on_token)
 
     def _allowed(self, names: Sequence[str]) -> tuple[str, ...]:
