@@ -146,6 +146,7 @@ class NemotronNode(LifecycleNode):
 
     # -- service and action ---------------------------------------------------------------
     def _await_outcome(self, prompt: Prompt) -> tuple[Future, str]:
+        """Submit ``prompt``; the future completes (and wakes the executor) with its outcome."""
         future = Future(executor=self.executor)
         future.add_done_callback(lambda _f: None)
         request_id = self._engine.submit(prompt, future.set_result)
@@ -163,10 +164,8 @@ class NemotronNode(LifecycleNode):
         prompt = _prompt_from_goal(goal_handle.request, RequestKind.ACTION, accepted,
                                    feedback.on_token)
         key = bytes(goal_handle.goal_id.uuid)
-        future = Future(executor=self.executor)
-        future.add_done_callback(lambda _f: None)
         with self._goal_lock:
-            self._goal_requests[key] = self._engine.submit(prompt, future.set_result)
+            future, self._goal_requests[key] = self._await_outcome(prompt)
         try:
             outcome = await future
         finally:

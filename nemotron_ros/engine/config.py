@@ -6,8 +6,7 @@ bad params file fails the lifecycle transition with one readable line.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from .types import SamplingParams
@@ -84,15 +83,6 @@ class EngineConfig:
         """Default sampling for requests (validated by SamplingParams itself)."""
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               seed=self.seed, max_tokens=self.max_tokens)
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> EngineConfig:
-        """Build from a flat mapping; unknown keys are an error naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f'unknown engine settings {unknown}; known: {sorted(known)}')
-        return cls(**dict(values))
 
     def backend_options(self, model_path: str) -> dict[str, Any]:
         """Options for ``create_backend(self.backend, ...)``."""

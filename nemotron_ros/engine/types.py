@@ -169,13 +169,6 @@ class Usage:
             return 0.0
         return (self.completion_tokens - 1) / self.decode_s
 
-    @property
-    def prefill_tokens_per_second(self) -> float:
-        evaluated = self.prompt_tokens - self.prompt_tokens_reused
-        if evaluated <= 0 or self.prefill_s <= 0.0:
-            return 0.0
-        return evaluated / self.prefill_s
-
 
 @dataclass
 class GenerationResult:
