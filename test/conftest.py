@@ -29,6 +29,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, period: float
     return predicate()
 
 
+def spin_until(executor, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Spin ``executor`` from this thread until ``predicate`` is true or ``timeout`` passes."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        executor.spin_once(timeout_sec=0.02)
+    return predicate()
+
+
 class RosHarness:
     """An isolated rclpy context whose executor spins in a background thread."""
 
@@ -39,6 +49,7 @@ class RosHarness:
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        self._private: list = []
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
 
@@ -58,6 +69,23 @@ class RosHarness:
         self.executor.add_node(node)
         return node
 
+    def private_node(self, name: str):
+        """A node with its own executor that only the calling (test) thread spins.
+
+        rclpy 9.1's ``ActionClient.send_goal_async`` registers a pending future and then
+        replaces it with a new one; when another executor thread takes the goal response in
+        between, the returned future never completes. Action clients therefore live on a node
+        that is spun only by the thread that sends the goal (see :func:`spin_until`).
+        """
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.node import Node
+
+        node = Node(name, context=self.context)
+        executor = SingleThreadedExecutor(context=self.context)
+        executor.add_node(node)
+        self._private.append((node, executor))
+        return node, executor
+
     def add(self, node) -> None:
         self.executor.add_node(node)
 
@@ -65,6 +93,9 @@ class RosHarness:
         import rclpy
 
         self.executor.shutdown(timeout_sec=5.0)
+        for node, executor in self._private:
+            executor.shutdown(timeout_sec=1.0)
+            node.destroy_node()
         for node in list(self.executor.get_nodes()):
             node.destroy_node()
         rclpy.shutdown(context=self.context)

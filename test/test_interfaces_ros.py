@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import wait_for
+from conftest import spin_until, wait_for
 
 rclpy = pytest.importorskip('rclpy', reason='rclpy is not installed: run tools/setup.sh')
 
@@ -161,10 +161,10 @@ class _StreamingServer:
         return result
 
 
-def _send_goal(client, feedback: list):
+def _send_goal(client, executor, feedback: list):
     goal = Execute.Goal(goal='say hello', latency_budget_ms=2000)
     future = client.send_goal_async(goal, feedback_callback=lambda fb: feedback.append(fb))
-    assert wait_for(future.done, timeout=30.0)
+    assert spin_until(executor, future.done, timeout=30.0)
     handle = future.result()
     assert handle.accepted
     return handle
@@ -172,17 +172,18 @@ def _send_goal(client, feedback: list):
 
 def test_execute_action_streams_feedback_and_returns_result(ros) -> None:
     _StreamingServer(ros.node('exec_server'), steps=5)
-    client = ActionClient(ros.node('exec_client'), Execute, 'execute')
+    node, executor = ros.private_node('exec_client')
+    client = ActionClient(node, Execute, 'execute')
     assert client.wait_for_server(timeout_sec=10.0)
     feedback: list = []
-    handle = _send_goal(client, feedback)
+    handle = _send_goal(client, executor, feedback)
     result_future = handle.get_result_async()
-    assert wait_for(result_future.done, timeout=30.0)
+    assert spin_until(executor, result_future.done, timeout=30.0)
     wrapped = result_future.result()
     assert wrapped.status == GoalStatus.STATUS_SUCCEEDED
     assert wrapped.result.action.status == Action.STATUS_OK
     assert wrapped.result.action.completion_tokens == 5
-    assert wait_for(lambda: len(feedback) >= 1)
+    assert spin_until(executor, lambda: len(feedback) >= 1)
     counts = [fb.feedback.completion_tokens for fb in feedback]
     assert counts == sorted(counts) and counts[-1] <= 5
     assert feedback[-1].feedback.partial_text.startswith('tok0')
@@ -190,17 +191,18 @@ def test_execute_action_streams_feedback_and_returns_result(ros) -> None:
 
 def test_execute_action_cancel_ends_canceled(ros) -> None:
     server = _StreamingServer(ros.node('exec_server_c'), steps=10_000)
-    client = ActionClient(ros.node('exec_client_c'), Execute, 'execute')
+    node, executor = ros.private_node('exec_client_c')
+    client = ActionClient(node, Execute, 'execute')
     assert client.wait_for_server(timeout_sec=10.0)
     feedback: list = []
-    handle = _send_goal(client, feedback)
+    handle = _send_goal(client, executor, feedback)
     assert server.accepted.wait(10.0)
-    assert wait_for(lambda: len(feedback) >= 2)
+    assert spin_until(executor, lambda: len(feedback) >= 2)
     cancel_future = handle.cancel_goal_async()
-    assert wait_for(cancel_future.done, timeout=30.0)
+    assert spin_until(executor, cancel_future.done, timeout=30.0)
     assert len(cancel_future.result().goals_canceling) == 1
     result_future = handle.get_result_async()
-    assert wait_for(result_future.done, timeout=30.0)
+    assert spin_until(executor, result_future.done, timeout=30.0)
     assert result_future.result().status == GoalStatus.STATUS_CANCELED
     assert result_future.result().result.action.status == Action.STATUS_CANCELED
 

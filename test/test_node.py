@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import spin_until, wait_for
 
 rclpy = pytest.importorskip('rclpy', reason='rclpy is not installed: run tools/setup.sh')
 
@@ -71,7 +71,6 @@ class Client:
         self.text_pub = self.node.create_publisher(String, 'command_text', COMMAND_QOS)
         self.observation_pub = self.node.create_publisher(Observation, 'observations', 10)
         self.plan_client = self.node.create_client(Plan, 'plan')
-        self.execute_client = ActionClient(self.node, Execute, 'execute')
 
     def connected(self) -> bool:
         return (self.command_pub.get_subscription_count() > 0
@@ -232,21 +231,24 @@ def test_execute_streams_feedback_and_cancel_ends_canceled(ros, node_factory,
     node_factory(tiny_model, max_tokens=4000)
     client = Client(ros)
     assert wait_for(client.connected, 10.0)
-    assert client.execute_client.wait_for_server(timeout_sec=10.0)
+    action_node, executor = ros.private_node('execute_caller')
+    execute_client = ActionClient(action_node, Execute, 'execute')
+    assert execute_client.wait_for_server(timeout_sec=10.0)
     feedback = []
     goal = Execute.Goal(goal='Tell a very long story.', latency_budget_ms=60000,
                         allowed_tools=['say'], max_tokens=4000)
-    sent = client.execute_client.send_goal_async(goal, feedback_callback=feedback.append)
-    assert wait_for(sent.done, 10.0)
+    sent = execute_client.send_goal_async(goal, feedback_callback=feedback.append)
+    assert spin_until(executor, sent.done, 10.0)
     handle = sent.result()
     assert handle.accepted
     result_future = handle.get_result_async()
-    if wait_for(lambda: len(feedback) >= 2 or result_future.done(), 30.0) and feedback:
+    if spin_until(executor, lambda: len(feedback) >= 2 or result_future.done(), 30.0) and (
+            feedback):
         assert feedback[-1].feedback.completion_tokens >= 1
     if not result_future.done():
         cancel = handle.cancel_goal_async()
-        assert wait_for(cancel.done, 10.0)
-    assert wait_for(result_future.done, 30.0)
+        assert spin_until(executor, cancel.done, 10.0)
+    assert spin_until(executor, result_future.done, 30.0)
     wrapped = result_future.result()
     if wrapped.status == GoalStatus.STATUS_CANCELED:
         assert wrapped.result.action.status == Action.STATUS_CANCELED
