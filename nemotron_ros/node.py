@@ -5,8 +5,24 @@ the service and the action server exist in every lifecycle state, so a request t
 while the node is unconfigured or inactive is still answered (INACTIVE) instead of being lost;
 the model itself is loaded in ``on_configure`` and freed in ``on_cleanup``.
 
+How the promises hold inside a busy robot:
+
+* **No message can kill the node.** Every callback (topics, service, goals, cancels, timer,
+  transitions) ends in an answer or a logged, counted drop; no exception reaches the executor.
+* **No burst loses a request.** Request callbacks only hand the request to an O(1) bounded
+  :class:`~nemotron_ros.intake.Intake`; one thread submits them to the engine. Request readers
+  are reliable with a deep history (``qos.request_depth``). A full intake answers
+  REJECTED_BUSY at once.
+* **Perception never delays a request.** Observations run in their own mutually exclusive
+  callback group (at most one executor thread) and only update the world state.
+* **Lifecycle services stay responsive.** They run in a reentrant group, so ``get_state``
+  answers while ``configure`` loads a model; a second transition request is refused at once.
+* **Ctrl-C and SIGTERM answer everything.** ``main`` owns the signal handling: it aborts a
+  model load, answers every outstanding request INACTIVE ("shutting down") and lets DDS deliver
+  the answers before the context goes.
+
 Service and action callbacks are coroutines that await the engine's answer, so a waiting
-planner never holds an executor thread and subscriptions keep flowing.
+planner never holds an executor thread.
 """
 
 from __future__ import annotations
@@ -15,13 +31,15 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Optional
 
 import rclpy
-from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import (
@@ -31,64 +49,141 @@ from rclpy.qos import (
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
+from rclpy.signals import SignalHandlerOptions
 from rclpy.task import Future
 from std_msgs.msg import String
 
 from . import parameters
 from .action import Execute
 from .conversions import observation_from_msg, outcome_to_action
-from .engine.runtime import Engine, EngineLoadError, Prompt
+from .engine.runtime import Engine, EngineLoadError, Prompt, new_request_id
 from .engine.scheduler import Outcome, RequestKind, RequestStatus
+from .intake import Intake
 from .msg import Action, Command, Observation, ToolCall
 from .srv import Plan
 
-#: Commands and answers must not be lost: reliable, and deep enough for bursts.
-COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50,
+#: Answers must not be lost: reliable, and deep enough for bursts.
+COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000,
                          reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
-#: Perception is best effort: accepts both sensor-data and reliable publishers.
-OBSERVATION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
-                             reliability=qos_profile_sensor_data.reliability,
-                             durability=DurabilityPolicy.VOLATILE)
 FEEDBACK_PERIOD_S = 0.05
+#: How long a graceful shutdown waits for answers to reach their callers.
+SHUTDOWN_DELIVERY_S = 3.0
+SHUTTING_DOWN = 'node is shutting down'
+
+OutcomeSink = Callable[[Outcome], None]
+
+
+def request_qos(depth: int) -> QoSProfile:
+    """Request readers (commands, service and goal requests): reliable, ``depth`` deep."""
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                      reliability=ReliabilityPolicy.RELIABLE,
+                      durability=DurabilityPolicy.VOLATILE)
+
+
+def observation_qos(depth: int) -> QoSProfile:
+    """Perception: best effort, so both sensor-data and reliable publishers match."""
+    return QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=depth,
+                      reliability=qos_profile_sensor_data.reliability,
+                      durability=DurabilityPolicy.VOLATILE)
 
 
 class NemotronNode(LifecycleNode):
     """The on-robot language model node (see the module docstring)."""
 
-    def __init__(self, node_name: str = 'nemotron', **kwargs) -> None:
+    def __init__(self, node_name: str = 'nemotron', **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         parameters.declare(self)
+        request_depth, observation_depth = parameters.qos_depths(self)
         self._engine = Engine(clock=self._now_s)
-        self._goal_requests: dict[bytes, str] = {}
+        self._counts: Counter = Counter()
+        self._stopping = False
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._transition_lock = threading.Lock()
+        self._goals: dict[bytes, str] = {}
+        self._pending_cancels: set[bytes] = set()
+        self._canceled_ids: set[str] = set()
         self._goal_lock = threading.Lock()
+        self._intake: Intake[tuple[Prompt, OutcomeSink]] = Intake(
+            self._submit_now, self._submit_failed, capacity=request_depth,
+            name='nemotron-intake')
+
         requests = ReentrantCallbackGroup()
+        perception = MutuallyExclusiveCallbackGroup()
+        in_qos = request_qos(request_depth)
         self._actions_pub = self.create_publisher(Action, 'actions', COMMAND_QOS)
         self._tool_calls_pub = self.create_publisher(ToolCall, 'tool_calls', COMMAND_QOS)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
-        self.create_subscription(Command, 'command', self._on_command, COMMAND_QOS,
+        self.create_subscription(Command, 'command', self._on_command, in_qos,
                                  callback_group=requests)
-        self.create_subscription(String, 'command_text', self._on_command_text, COMMAND_QOS,
+        self.create_subscription(String, 'command_text', self._on_command_text, in_qos,
                                  callback_group=requests)
         self.create_subscription(Observation, 'observations', self._on_observation,
-                                 OBSERVATION_QOS, callback_group=requests)
-        self.create_service(Plan, 'plan', self._on_plan, callback_group=requests)
+                                 observation_qos(observation_depth), callback_group=perception)
+        self.create_service(Plan, 'plan', self._on_plan, qos_profile=in_qos,
+                            callback_group=requests)
         self._execute_server = ActionServer(
             self, Execute, 'execute', execute_callback=self._on_execute,
-            goal_callback=lambda _goal: GoalResponse.ACCEPT,
-            cancel_callback=self._on_cancel, callback_group=requests)
+            goal_callback=self._on_goal, cancel_callback=self._on_cancel,
+            goal_service_qos_profile=in_qos, cancel_service_qos_profile=in_qos,
+            result_service_qos_profile=in_qos, callback_group=requests)
+        self._cancel_wake = self.create_guard_condition(self._drain_cancels,
+                                                        callback_group=requests)
         period = self.get_parameter(parameters.DIAGNOSTICS_PERIOD.name).value
         self._diagnostics_timer = self.create_timer(
             period, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        self._keep_lifecycle_services_responsive()
 
     # -- lifecycle ------------------------------------------------------------------------
+    def _keep_lifecycle_services_responsive(self) -> None:
+        """Serve the lifecycle services in parallel; refuse a transition while another runs.
+
+        rclpy puts them in the node's default mutually exclusive group (with the parameter
+        services), so ``get_state`` would go unanswered for the whole of a long ``configure``.
+        They move to a reentrant group; ``change_state`` itself is serialized here, and an
+        invalid transition is answered ``success=False`` instead of raising.
+        """
+        group = ReentrantCallbackGroup()
+        for service in (self._service_change_state, self._service_get_state,
+                        self._service_get_available_states,
+                        self._service_get_available_transitions,
+                        self._service_get_transition_graph):
+            group.add_entity(service)
+            service.callback_group = group
+        service = self._service_change_state
+        original = service.callback
+
+        def change_state(request, response):
+            if not self._transition_lock.acquire(blocking=False):
+                self.get_logger().warning(
+                    'change_state refused: another transition is in progress')
+                response.success = False
+                return response
+            try:
+                return original(request, response)
+            except Exception as exc:  # an invalid transition must not end the process
+                self.count_error('change_state', exc)
+                response.success = False
+                return response
+            finally:
+                self._transition_lock.release()
+
+        service.callback = change_state
+
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        started = time.monotonic()
+        if self._stopping:
+            self.get_logger().error(f'configure refused: {SHUTTING_DOWN}')
+            return TransitionCallbackReturn.FAILURE
         try:
             config = parameters.engine_config(self)
-            started = time.monotonic()
             info = self._engine.load(config)
         except (ValueError, EngineLoadError) as exc:
             self.get_logger().error(f'configure failed: {exc}')
+            return TransitionCallbackReturn.FAILURE
+        except Exception as exc:  # a broken model or backend must not take the node down
+            self.get_logger().error(f'configure failed: {type(exc).__name__}: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(
             f'loaded {info.path} ({info.architecture}, {info.chat_format} format, '
@@ -105,99 +200,277 @@ class NemotronNode(LifecycleNode):
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._engine.close()
+        self._engine.close('node was cleaned up')
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._engine.close()
+        self._engine.close('node was shut down')
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._engine.close()
+        self._engine.close('node is in error processing')
         return TransitionCallbackReturn.SUCCESS
 
-    def close(self) -> None:
-        """Answer everything INACTIVE and free the model (process exit)."""
-        self._engine.close()
+    def request_stop(self) -> None:
+        """Begin shutting down (signal-safe): new requests and a model load are refused."""
+        self._stopping = True
+        self._engine.abort_load()
+
+    def close(self, reason: str = SHUTTING_DOWN) -> None:
+        """Answer everything INACTIVE and free the model (process exit). Idempotent."""
+        self.request_stop()
+        self._engine.close(reason)
+        self._intake.close()
+
+    def shutdown_gracefully(self, executor: MultiThreadedExecutor,
+                            timeout: float = SHUTDOWN_DELIVERY_S) -> bool:
+        """Answer every outstanding request and spin until the answers are on the wire.
+
+        :returns: False when some answers could not be confirmed within ``timeout``.
+        """
+        self.close(SHUTTING_DOWN)
+        end = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.02)
+        acked = True
+        for publisher in (self._actions_pub, self._tool_calls_pub):
+            left = max(0.0, end - time.monotonic())
+            acked = publisher.wait_for_all_acked(Duration(seconds=left)) and acked
+        grace = time.monotonic() + 0.2
+        while time.monotonic() < min(grace, end):
+            executor.spin_once(timeout_sec=0.02)
+        return acked and not self._in_flight
+
+    # -- requests: intake -----------------------------------------------------------------
+    def _enqueue(self, prompt: Prompt, sink: OutcomeSink) -> None:
+        """Hand a request to the intake thread (O(1)); answer at once when it is full."""
+        if self._intake.put((prompt, sink)):
+            return
+        status, message = (RequestStatus.INACTIVE, SHUTTING_DOWN) if self._stopping else (
+            RequestStatus.REJECTED_BUSY, f'request intake full ({len(self._intake)} waiting)')
+        sink(_outcome(prompt.id, status, message, prompt.arrival))
+
+    def _submit_now(self, item: tuple[Prompt, OutcomeSink]) -> None:
+        prompt, sink = item
+        if self._stopping:
+            sink(_outcome(prompt.id, RequestStatus.INACTIVE, SHUTTING_DOWN, prompt.arrival))
+            return
+        if self._take_cancel(prompt.id):
+            sink(_outcome(prompt.id, RequestStatus.CANCELED, 'canceled by the caller',
+                          prompt.arrival))
+            return
+        self._engine.submit(prompt, sink)
+        if self._take_cancel(prompt.id):
+            self._engine.cancel(prompt.id)
+
+    def _submit_failed(self, item: tuple[Prompt, OutcomeSink], exc: BaseException) -> None:
+        prompt, sink = item
+        self.count_error('submit', exc)
+        sink(_outcome(prompt.id, RequestStatus.ERROR,
+                      f'could not submit the request: {type(exc).__name__}: {exc}',
+                      prompt.arrival))
 
     # -- topics ---------------------------------------------------------------------------
     def _on_command(self, msg: Command) -> None:
-        self._engine.submit(Prompt(text=msg.text, id=msg.id, budget_ms=msg.latency_budget_ms,
-                                   priority=msg.priority, arrival=time.monotonic()),
-                            self._publish_outcome)
+        request_id = msg.id or new_request_id()
+        try:
+            self._enqueue(Prompt(text=msg.text, id=request_id,
+                                 budget_ms=msg.latency_budget_ms, priority=msg.priority,
+                                 arrival=time.monotonic()), self._publish_outcome)
+        except Exception as exc:
+            self._answer_failure(request_id, 'command', exc)
 
     def _on_command_text(self, msg: String) -> None:
-        self._engine.submit(Prompt(text=msg.data, arrival=time.monotonic()),
-                            self._publish_outcome)
+        request_id = new_request_id()
+        try:
+            self._enqueue(Prompt(text=msg.data, id=request_id, arrival=time.monotonic()),
+                          self._publish_outcome)
+        except Exception as exc:
+            self._answer_failure(request_id, 'command_text', exc)
 
     def _on_observation(self, msg: Observation) -> None:
+        self._counts['observations_received'] += 1
         try:
             self._engine.observe(observation_from_msg(msg, self._now_s()))
         except ValueError as exc:
+            self._counts['observations_dropped'] += 1
             self.get_logger().warning(
-                f'observation {msg.source!r}/{msg.label!r} ignored: {exc}',
+                f'observation {msg.source[:80]!r}/{msg.label[:80]!r} ignored: {exc}',
                 throttle_duration_sec=5.0)
+        except Exception as exc:  # a bad message must never end the node
+            self._counts['observations_dropped'] += 1
+            self.count_error('observations', exc)
 
     def _publish_outcome(self, outcome: Outcome) -> None:
-        action = outcome_to_action(outcome, self.get_clock().now().to_msg())
-        self._actions_pub.publish(action)
-        for call in action.tool_calls:
-            self._tool_calls_pub.publish(call)
+        """Publish one answer on ``actions`` (and its calls on ``tool_calls``)."""
+        action = self._action_for(outcome)
+        try:
+            self._actions_pub.publish(action)
+            for call in action.tool_calls:
+                self._tool_calls_pub.publish(call)
+        except Exception as exc:  # e.g. the context is already gone at process exit
+            self.count_error('publish', exc)
+
+    def _answer_failure(self, request_id: str, where: str, exc: BaseException) -> None:
+        self.count_error(where, exc)
+        self._publish_outcome(_outcome(request_id, RequestStatus.ERROR,
+                                       f'could not handle the request: '
+                                       f'{type(exc).__name__}: {exc}'))
+
+    def _action_for(self, outcome: Outcome) -> Action:
+        """The Action for ``outcome``; an ERROR Action when the conversion itself fails."""
+        stamp = self.get_clock().now().to_msg()
+        try:
+            return outcome_to_action(outcome, stamp)
+        except Exception as exc:
+            self.count_error('answer', exc)
+            action = Action(request_id=str(outcome.request_id), status=Action.STATUS_ERROR,
+                            status_message=f'could not build the answer '
+                            f'({type(exc).__name__}: {exc})')
+            action.header.stamp = stamp
+            return action
 
     # -- service and action ---------------------------------------------------------------
-    def _await_outcome(self, prompt: Prompt) -> tuple[Future, str]:
+    def _submit_async(self, prompt: Prompt) -> Future:
         """Submit ``prompt``; the future completes (and wakes the executor) with its outcome."""
         future = Future(executor=self.executor)
         future.add_done_callback(lambda _f: None)
-        request_id = self._engine.submit(prompt, future.set_result)
-        return future, request_id
+        self._enqueue(prompt, future.set_result)
+        return future
 
     async def _on_plan(self, request: Plan.Request, response: Plan.Response) -> Plan.Response:
-        future, _ = self._await_outcome(_prompt_from_goal(request, RequestKind.SERVICE))
-        outcome = await future
-        response.action = outcome_to_action(outcome, self.get_clock().now().to_msg())
+        request_id = new_request_id()
+        self._track(1)
+        try:
+            outcome = await self._submit_async(
+                _prompt_from_goal(request, RequestKind.SERVICE, request_id))
+        except Exception as exc:
+            self.count_error('plan', exc)
+            outcome = _outcome(request_id, RequestStatus.ERROR,
+                               f'could not handle the request: {type(exc).__name__}: {exc}')
+        finally:
+            self._track(-1)
+        response.action = self._action_for(outcome)
         return response
+
+    def _on_goal(self, _goal: Execute.Goal) -> GoalResponse:
+        """Refuse goals the node cannot serve now, instead of accepting and aborting them."""
+        if self._stopping or not self._engine.active:
+            self.get_logger().info('execute goal rejected: node is not active',
+                                   throttle_duration_sec=5.0)
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
 
     async def _on_execute(self, goal_handle) -> Execute.Result:
         accepted = time.monotonic()
-        feedback = _FeedbackStream(goal_handle, accepted)
-        prompt = _prompt_from_goal(goal_handle.request, RequestKind.ACTION, accepted,
-                                   feedback.on_token)
         key = bytes(goal_handle.goal_id.uuid)
-        with self._goal_lock:
-            future, self._goal_requests[key] = self._await_outcome(prompt)
+        request_id = key.hex()[:16]
+        feedback = _FeedbackStream(goal_handle, accepted)
+        self._track(1)
         try:
-            outcome = await future
+            prompt = _prompt_from_goal(goal_handle.request, RequestKind.ACTION, request_id,
+                                       accepted, feedback.on_token)
+            with self._goal_lock:
+                self._goals[key] = request_id
+                if key in self._pending_cancels:
+                    self._pending_cancels.discard(key)
+                    self._canceled_ids.add(request_id)
+            outcome = await self._submit_async(prompt)
+        except Exception as exc:
+            self.count_error('execute', exc)
+            outcome = _outcome(request_id, RequestStatus.ERROR,
+                               f'could not handle the goal: {type(exc).__name__}: {exc}')
         finally:
             with self._goal_lock:
-                self._goal_requests.pop(key, None)
-        feedback.flush()
-        result = Execute.Result(action=outcome_to_action(outcome,
-                                                         self.get_clock().now().to_msg()))
-        if outcome.status is RequestStatus.OK:
-            goal_handle.succeed()
-        elif (outcome.status is RequestStatus.CANCELED
-              and goal_handle.status == GoalStatus.STATUS_CANCELING):
-            goal_handle.canceled()
-        else:
-            goal_handle.abort()
+                self._goals.pop(key, None)
+                self._pending_cancels.discard(key)
+                self._canceled_ids.discard(request_id)
+            self._track(-1)
+        feedback.close()
+        result = Execute.Result(action=self._action_for(outcome))
+        self._end_goal(goal_handle, outcome)
         return result
 
+    def _end_goal(self, goal_handle, outcome: Outcome) -> None:
+        """Move the goal to its terminal state: succeeded, canceled or aborted."""
+        if outcome.status is RequestStatus.CANCELED:
+            # The engine only cancels after the cancel was accepted; the action server marks
+            # the goal CANCELING right after our callback returns, which may be a moment later.
+            end = time.monotonic() + 1.0
+            while not goal_handle.is_cancel_requested and time.monotonic() < end:
+                time.sleep(0.001)
+        try:
+            if outcome.status is RequestStatus.OK:
+                goal_handle.succeed()
+            elif goal_handle.is_cancel_requested:
+                goal_handle.canceled()
+            else:
+                goal_handle.abort()
+        except Exception as exc:
+            self.count_error('execute result', exc)
+
     def _on_cancel(self, goal_handle) -> CancelResponse:
+        """Accept every cancel; the goal's coroutine ends it (see ``_drain_cancels``)."""
+        try:
+            with self._goal_lock:
+                self._pending_cancels.add(bytes(goal_handle.goal_id.uuid))
+            self._cancel_wake.trigger()
+        except Exception as exc:
+            self.count_error('cancel', exc)
+        return CancelResponse.ACCEPT
+
+    def _drain_cancels(self) -> None:
+        """Cancel the requests of goals whose cancel was accepted.
+
+        A goal whose request is not registered yet keeps its mark: ``_on_execute`` finds it
+        when it registers, so a cancel that arrives early still cancels.
+        """
+        try:
+            with self._goal_lock:
+                ready = [k for k in self._pending_cancels if k in self._goals]
+                request_ids = [self._goals[k] for k in ready]
+                self._pending_cancels.difference_update(ready)
+                self._canceled_ids.update(request_ids)
+            for request_id in request_ids:
+                self._engine.cancel(request_id)
+        except Exception as exc:
+            self.count_error('cancel', exc)
+
+    def _take_cancel(self, request_id: str) -> bool:
         with self._goal_lock:
-            request_id = self._goal_requests.get(bytes(goal_handle.goal_id.uuid))
-        if request_id is None:
-            return CancelResponse.REJECT
-        return CancelResponse.ACCEPT if self._engine.cancel(request_id) else (
-            CancelResponse.REJECT)
+            if request_id in self._canceled_ids:
+                self._canceled_ids.discard(request_id)
+                return True
+            return False
+
+    def _track(self, delta: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight += delta
 
     # -- diagnostics ----------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
+        try:
+            array = DiagnosticArray(status=[self._diagnostic_status()])
+            array.header.stamp = self.get_clock().now().to_msg()
+            self._diagnostics_pub.publish(array)
+        except Exception as exc:
+            self.count_error('diagnostics', exc)
+
+    def _diagnostic_status(self) -> DiagnosticStatus:
         status = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: language model',
                                   hardware_id='nemotron_ros')
+        node_values = [('observations_received', self._counts['observations_received']),
+                       ('observations_dropped', self._counts['observations_dropped']),
+                       ('intake_waiting', len(self._intake)),
+                       ('intake_refused', self._intake.refused),
+                       ('callback_errors', self._counts['callback_errors'])]
         stats = self._engine.stats()
         info = self._engine.info
-        if stats is None or info is None:
+        loading = self._engine.load_progress
+        if loading:
+            status.level = DiagnosticStatus.WARN
+            status.message = f'loading model: {loading}'
+        elif stats is None or info is None:
             status.level = DiagnosticStatus.WARN
             status.message = 'no model loaded (unconfigured)'
         else:
@@ -206,52 +479,86 @@ class NemotronNode(LifecycleNode):
             if stats.consecutive_errors >= 3:
                 status.level = DiagnosticStatus.ERROR
                 status.message = f'{stats.consecutive_errors} consecutive backend errors'
-            status.values = [KeyValue(key=k, value=str(v)) for k, v in (
+            node_values = [
                 ('model', info.path), ('architecture', info.architecture),
                 ('queue_depth', stats.queue_depth), ('running', stats.running or ''),
                 ('answered', stats.answered),
                 ('ttft_ms', f'{stats.avg_ttft_s * 1000:.1f}'),
                 ('tokens_per_second', f'{stats.avg_tokens_per_s:.1f}'),
                 ('budget_misses', stats.budget_misses),
-                *((f'count.{name}', n) for name, n in stats.counts.items()))]
-        array = DiagnosticArray(status=[status])
-        array.header.stamp = self.get_clock().now().to_msg()
-        self._diagnostics_pub.publish(array)
+                ('dropped_tool_calls', stats.dropped_tool_calls),
+                *((f'count.{name}', n) for name, n in stats.counts.items()),
+                *node_values]
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in node_values]
+        return status
+
+    def count_error(self, where: str, exc: BaseException) -> None:
+        """Count and log (throttled) an exception that a callback caught."""
+        self._counts['callback_errors'] += 1
+        self.get_logger().error(f'{where}: {type(exc).__name__}: {exc}',
+                                throttle_duration_sec=5.0)
 
     def _now_s(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
 
 
 class _FeedbackStream:
-    """Publishes Execute feedback from the generating thread, at most every 50 ms."""
+    """Publishes Execute feedback from the generating thread, at most every 50 ms.
+
+    Closed before the goal's result is set: a token that arrives later (the backend may still
+    be stopping) publishes nothing, so no feedback ever follows the result.
+    """
 
     def __init__(self, goal_handle, accepted: float) -> None:
         self._goal_handle = goal_handle
         self._accepted = accepted
+        self._lock = threading.Lock()
         self._text: list[str] = []
         self._last = 0.0
         self._sent = 0
+        self._closed = False
 
     def on_token(self, piece: str) -> None:
-        self._text.append(piece)
-        now = time.monotonic()
-        if now - self._last >= FEEDBACK_PERIOD_S:
-            self._last = now
-            self.flush()
+        with self._lock:
+            if self._closed:
+                return
+            self._text.append(piece)
+            now = time.monotonic()
+            if now - self._last >= FEEDBACK_PERIOD_S:
+                self._last = now
+                self._flush_locked()
 
-    def flush(self) -> None:
+    def close(self) -> None:
+        """Send what is pending, then publish nothing more."""
+        with self._lock:
+            if not self._closed:
+                self._flush_locked()
+                self._closed = True
+
+    def _flush_locked(self) -> None:
         if len(self._text) == self._sent:
             return
         self._sent = len(self._text)
-        self._goal_handle.publish_feedback(Execute.Feedback(
-            partial_text=''.join(self._text), completion_tokens=self._sent,
-            elapsed_ms=(time.monotonic() - self._accepted) * 1000.0))
+        try:
+            self._goal_handle.publish_feedback(Execute.Feedback(
+                partial_text=''.join(self._text), completion_tokens=self._sent,
+                elapsed_ms=(time.monotonic() - self._accepted) * 1000.0))
+        except Exception:  # feedback is best effort; the result still comes
+            pass
 
 
-def _prompt_from_goal(goal, kind: RequestKind, arrival: Optional[float] = None,
-                      on_token=None) -> Prompt:
+def _outcome(request_id: str, status: RequestStatus, message: str,
+             arrival: Optional[float] = None) -> Outcome:
+    """An answer decided by the node itself, before or around the engine."""
+    total = time.monotonic() - arrival if arrival is not None else 0.0
+    return Outcome(request_id=request_id, status=status, status_message=message,
+                   total_s=max(0.0, total))
+
+
+def _prompt_from_goal(goal, kind: RequestKind, request_id: str,
+                      arrival: Optional[float] = None, on_token=None) -> Prompt:
     """A Prompt from a Plan request or an Execute goal (they share their fields)."""
-    return Prompt(text=goal.goal, context_json=goal.context_json,
+    return Prompt(text=goal.goal, id=request_id, context_json=goal.context_json,
                   budget_ms=goal.latency_budget_ms, priority=goal.priority,
                   allowed_tools=tuple(goal.allowed_tools),
                   enable_thinking=bool(goal.enable_thinking), max_tokens=goal.max_tokens,
@@ -259,24 +566,44 @@ def _prompt_from_goal(goal, kind: RequestKind, arrival: Optional[float] = None,
                   on_token=on_token)
 
 
-def _close_quietly(node: NemotronNode, executor: MultiThreadedExecutor) -> None:
-    """Free the model and the node; a second Ctrl-C must not interrupt freeing native memory."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        node.close()
-        executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def _spin_until(executor: MultiThreadedExecutor, node: NemotronNode,
+                stop: threading.Event) -> None:
+    """Spin until ``stop`` or ROS shutdown; an exception from a callback is logged, not fatal.
+
+    The node's own callbacks catch everything; this also covers rclpy's machinery around them
+    (e.g. sending a response to a client that has gone away), which the executor re-raises.
+    """
+    while not stop.is_set() and rclpy.ok():
+        try:
+            executor.spin_once(timeout_sec=0.1)
+        except ExternalShutdownException:
+            return
+        except Exception as exc:
+            node.count_error('executor', exc)
 
 
 def main(args: Optional[list[str]] = None) -> int:
-    """Run the node until Ctrl-C or ROS shutdown."""
+    """Run the node until Ctrl-C, SIGTERM or ROS shutdown; answer everything before exiting.
+
+    rclpy's own signal handler would shut the context down at once, before the answers to
+    outstanding requests could be published, so this function handles SIGINT and SIGTERM
+    itself: the first signal stops intake and any model load, the node answers everything
+    INACTIVE ("shutting down"), and the executor keeps spinning until DDS has delivered it.
+    """
     try:
-        rclpy.init(args=args)
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     except rclpy.exceptions.RCLError as exc:
         print(f'nemotron_node: bad command line: {exc}', file=sys.stderr)
         return 2
+    stop = threading.Event()
+    node: Optional[NemotronNode] = None
+
+    def on_signal(signum: int, _frame) -> None:
+        stop.set()
+        if node is not None:
+            node.request_stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
             node = NemotronNode()
@@ -286,11 +613,16 @@ def main(args: Optional[list[str]] = None) -> int:
         executor = MultiThreadedExecutor(num_threads=4)
         executor.add_node(node)
         try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
+            _spin_until(executor, node, stop)
         finally:
-            _close_quietly(node, executor)
+            if rclpy.ok():
+                node.shutdown_gracefully(executor)
+            else:
+                node.close()
+            executor.shutdown(timeout_sec=2.0)
+            node.destroy_node()
         return 0
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         rclpy.try_shutdown()

@@ -112,3 +112,52 @@ def ros() -> Iterator[RosHarness]:
         yield harness
     finally:
         harness.close()
+
+
+@pytest.fixture(scope='session')
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny random-weight nemotron_h GGUF, built once per test session."""
+    from nemotron_ros.testing.models import tiny_nemotron_h_path
+
+    return str(tiny_nemotron_h_path(tmp_path_factory.mktemp('node_models')))
+
+
+@pytest.fixture
+def node_factory(ros):
+    """Make NemotronNodes in the ``ros`` context (configured and active unless told not to)."""
+    from node_harness import SUCCESS, node_params
+
+    from nemotron_ros.node import NemotronNode
+
+    nodes = []
+
+    def make(model: str, activate: bool = True, **extra):
+        node = NemotronNode(context=ros.context, parameter_overrides=node_params(model, **extra))
+        ros.add(node)
+        nodes.append(node)
+        if activate:
+            assert node.trigger_configure() == SUCCESS
+            assert node.trigger_activate() == SUCCESS
+        return node
+
+    yield make
+    for node in nodes:
+        node.close()
+
+
+@pytest.fixture(params=['llama_cpp', 'torch'])
+def served(request, ros, node_factory, tiny_model, tmp_path_factory):
+    """An active node on the tiny nemotron_h (llama.cpp) or tiny NemotronH (torch), + client."""
+    from node_harness import Client
+
+    if request.param == 'torch':
+        pytest.importorskip('torch', reason='the torch backend is not installed '
+                            '(NEMOTRON_WITH_TORCH=1 tools/setup.sh)')
+        from nemotron_ros.testing.tiny_hf import tiny_hf_path
+        model = str(tiny_hf_path(tmp_path_factory.mktemp('hf')))
+        node = node_factory(model, backend='torch', n_ctx=8192)
+    else:
+        node = node_factory(tiny_model)
+    client = Client(ros)
+    assert wait_for(client.connected, 10.0)
+    return node, client

@@ -156,6 +156,10 @@ build_package() {
 }
 
 check_platform
+# One set-up at a time per machine: parallel runs would install into the same venv.
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$(dirname "$VENV")/.setup.lock"
+flock 9
 install_dependencies
 fix_cmake_paths
 build_package
