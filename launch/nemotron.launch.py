@@ -15,9 +15,15 @@ overrides it. With ``autostart:=false`` the node waits unconfigured for
 Autostart activates the node once, when its first configure transition succeeds: a later
 ``deactivate`` by an operator is not undone. A failed configure (missing or corrupt model, bad
 tool file) leaves the node unconfigured, and the node's log says why.
+
+Arguments are checked before the node starts, and a bad one fails the whole launch with a line
+naming it: ``autostart`` or ``use_sim_time`` that is not a boolean, a ``params_file`` that does
+not exist (launch_ros would only warn and start the node on its built-in defaults), or a
+non-empty ``tools_file`` that does not exist.
 """
 
 import os
+from collections.abc import Mapping
 
 import launch
 import launch.actions
@@ -70,9 +76,10 @@ def node_and_transitions(context: launch.LaunchContext) -> list[launch.Action]:
     """Build the lifecycle node and, with autostart, the configure/activate sequence.
 
     :param context: the launch context holding the arguments' values
-    :raises ValueError: when ``use_sim_time`` or ``autostart`` is not a boolean
+    :raises ValueError: an argument :func:`check_arguments` refuses
     """
     config = context.launch_configurations
+    check_arguments(config)
     overrides: dict[str, bool | str] = {'use_sim_time': _flag(config, 'use_sim_time')}
     for name in FILE_OVERRIDES:
         if config[name]:
@@ -104,7 +111,30 @@ def _change_state(node: launch_ros.actions.LifecycleNode,
         transition_id=transition_id))
 
 
-def _flag(config: dict[str, str], name: str) -> bool:
+def check_arguments(config: Mapping[str, str]) -> None:
+    """Refuse the launch when an argument is wrong, before anything starts.
+
+    :raises ValueError: naming the argument: a flag that is not a boolean, a missing
+        ``params_file``, or a non-empty ``tools_file`` that does not exist
+    """
+    for name in ('use_sim_time', 'autostart'):
+        _flag(config, name)
+    _existing_file(config, 'params_file')
+    if config['tools_file']:
+        _existing_file(config, 'tools_file')
+
+
+def _existing_file(config: Mapping[str, str], name: str) -> str:
+    """The launch argument ``name``, which must name an existing file."""
+    path = config[name]
+    if not os.path.isfile(path):
+        problem = 'is a directory' if os.path.isdir(path) else 'does not exist'
+        raise ValueError(f'launch argument {name}: {path!r} {problem}; give the path of an '
+                         'existing file')
+    return path
+
+
+def _flag(config: Mapping[str, str], name: str) -> bool:
     """The boolean launch argument ``name``; ValueError names it and the accepted values."""
     value = config[name].strip().lower()
     if value in _TRUE:

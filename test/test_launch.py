@@ -193,6 +193,20 @@ def manual(tiny_model: str, output: ProcessOutput) -> launch.LaunchDescription:
     return _launch(output, model_path=tiny_model, autostart='false')
 
 
+@pytest.mark.parametrize('argument', ['params_file', 'tools_file'])
+def test_a_missing_file_fails_the_launch_before_the_node_starts(
+        tmp_path: Path, output: ProcessOutput, argument: str) -> None:
+    """launch_ros only warns about a missing params file; the launch file refuses it."""
+    service = launch.LaunchService()
+    service.include_launch_description(launch.LaunchDescription([
+        *output.handlers(),
+        IncludeLaunchDescription(PythonLaunchDescriptionSource(str(LAUNCH_FILE)),
+                                 launch_arguments={argument: str(tmp_path / 'x.yaml')}.items()),
+    ]))
+    assert service.run() == 1
+    assert output.return_codes == [], 'the node was started'
+
+
 @pytest.mark.launch(fixture=autostarted)
 def test_autostart_activates_and_plan_answers_through_dds(
         ros: RosHarness, output: ProcessOutput, tiny_model: str) -> Iterator[None]:

@@ -3,15 +3,18 @@
 The launch file is parsed with ``ast``, never imported (launch and launch_ros are not on PyPI),
 and held against what it relies on and what documents it: the README's list of arguments and
 its ``ros2 launch`` commands, the params file it defaults to, the executable CMake installs, the
-node's name and package.xml's run-time dependencies. Its behaviour at run time is covered by
-test_launch.py wherever launch_pytest is installed.
+node's name and package.xml's run-time dependencies. Its argument checks use the standard
+library only, so they are compiled out of the file and run here (:func:`argument_checks`). Its
+behaviour at run time is covered by test_launch.py wherever launch_pytest is installed.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +73,90 @@ def _constants(tree: ast.Module) -> dict[str, object]:
             except ValueError:
                 continue
     return values
+
+
+def _stdlib_imports(tree: ast.Module) -> list[ast.stmt]:
+    """The module's top-level imports of standard-library modules."""
+    found: list[ast.stmt] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules = [node.module]
+        else:
+            continue
+        if all(m.split('.')[0] in sys.stdlib_module_names for m in modules):
+            found.append(node)
+    return found
+
+
+@pytest.fixture(scope='module')
+def argument_checks(tree: ast.Module) -> Callable[[dict[str, str]], None]:
+    """The launch file's ``check_arguments``, compiled with the helpers it calls.
+
+    Only standard-library imports, literal constants and the private helpers are compiled, so
+    a check that needs launch itself fails here with a NameError.
+    """
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert 'check_arguments' in functions, 'the launch file has no check_arguments'
+    helpers = [f for name, f in functions.items() if name.startswith('_') and not
+               any(isinstance(n, ast.Attribute) and getattr(n.value, 'id', '') in
+                   ('launch', 'launch_ros', 'lifecycle_msgs') for n in ast.walk(f))]
+    constants = [node for node in tree.body if isinstance(node, ast.Assign)
+                 and isinstance(node.value, (ast.Constant, ast.Tuple))]
+    module = ast.Module(body=[*_stdlib_imports(tree), *constants, *helpers,
+                              functions['check_arguments']], type_ignores=[])
+    namespace: dict[str, object] = {}
+    exec(compile(module, str(LAUNCH_FILE), 'exec'), namespace)
+    return namespace['check_arguments']
+
+
+def _launch_arguments(arguments: dict[str, Argument], **given: str) -> dict[str, str]:
+    """The launch configurations for ``given``: literal defaults, the shipped params file."""
+    values = {name: _literal(a.default) for name, a in arguments.items()
+              if name != 'params_file'}
+    values['params_file'] = str(ROOT / 'config' / 'nemotron.yaml')
+    return {**values, **given}
+
+
+def test_default_arguments_pass_the_checks(
+        argument_checks: Callable[[dict[str, str]], None],
+        arguments: dict[str, Argument]) -> None:
+    argument_checks(_launch_arguments(arguments))
+    argument_checks(_launch_arguments(
+        arguments, tools_file=str(ROOT / 'config' / 'tools.example.yaml'), autostart='False',
+        use_sim_time='1'))
+
+
+@pytest.mark.parametrize(('given', 'message'), [
+    ({'params_file': '/nonexistent/params.yaml'},
+     "launch argument params_file: '/nonexistent/params.yaml' does not exist"),
+    ({'params_file': ''}, "launch argument params_file: '' does not exist"),
+    ({'params_file': str(ROOT / 'config')}, 'launch argument params_file: .* is a directory'),
+    ({'tools_file': '/nonexistent/tools.yaml'},
+     "launch argument tools_file: '/nonexistent/tools.yaml' does not exist"),
+    ({'autostart': 'yes'}, "launch argument autostart must be 'true' or 'false'"),
+    ({'use_sim_time': 'maybe'}, "launch argument use_sim_time must be 'true' or 'false'"),
+])
+def test_bad_arguments_fail_the_launch_naming_the_argument(
+        argument_checks: Callable[[dict[str, str]], None], arguments: dict[str, Argument],
+        given: dict[str, str], message: str) -> None:
+    """A mistyped path fails loudly instead of starting the node on its built-in defaults."""
+    with pytest.raises(ValueError, match=message):
+        argument_checks(_launch_arguments(arguments, **given))
+
+
+def test_arguments_are_checked_before_the_node_is_built(tree: ast.Module) -> None:
+    """check_arguments runs first in the OpaqueFunction, so a bad argument starts nothing."""
+    (opaque,) = _calls(tree, 'OpaqueFunction')
+    function = ast.unparse({k.arg: k.value for k in opaque.keywords}['function'])
+    body = next(node for node in tree.body
+                if isinstance(node, ast.FunctionDef) and node.name == function).body
+    statements = [s for s in body if not (isinstance(s, ast.Expr)
+                                          and isinstance(s.value, ast.Constant))]
+    first_check = next(i for i, s in enumerate(statements) if _calls(s, 'check_arguments'))
+    first_node = next(i for i, s in enumerate(statements) if _calls(s, 'LifecycleNode'))
+    assert first_check < first_node
 
 
 def _literal(node: ast.expr | None) -> object:
@@ -150,7 +237,8 @@ def test_every_value_read_is_declared(tree: ast.Module, arguments: dict[str, Arg
     read = {node.slice.value for node in ast.walk(tree)
             if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
             and node.value.id == 'config' and isinstance(node.slice, ast.Constant)}
-    read |= {call.args[1].value for call in _calls(tree, '_flag')}
+    read |= {call.args[1].value for function in ('_flag', '_existing_file')
+             for call in _calls(tree, function) if isinstance(call.args[1], ast.Constant)}
     assert read, 'the launch file reads no arguments: this test no longer matches it'
     assert read <= set(arguments), f'read but not declared: {read - set(arguments)}'
 
@@ -190,9 +278,59 @@ def test_every_import_is_a_declared_run_time_dependency(tree: ast.Module) -> Non
                 for alias in node.names}
     imported |= {node.module.split('.')[0] for node in tree.body
                  if isinstance(node, ast.ImportFrom) and node.module}
-    missing = imported - declared - {'os'}
+    missing = imported - declared - set(sys.stdlib_module_names)
     assert not missing, f'launch file imports without an exec_depend in package.xml: {missing}'
     assert 'launch_pytest' in {e.text for e in package.iter('test_depend')}
+
+
+#: Third-party Python modules and their rosdep keys.
+ROSDEP_KEYS = {'yaml': 'python3-yaml', 'jsonschema': 'python3-jsonschema',
+               'jinja2': 'python3-jinja2', 'numpy': 'python3-numpy'}
+#: Modules with no rosdep key: package.xml must name their pip distribution in a comment.
+PIP_ONLY = {'llama_cpp': 'llama-cpp-python', 'torch': 'torch', 'transformers': 'transformers',
+            'tokenizers': 'tokenizers', 'safetensors': 'safetensors', 'xgrammar': 'xgrammar',
+            'gguf': 'gguf'}
+
+
+def _imported_roots(path: Path) -> set[str]:
+    """Top-level modules imported anywhere in ``path`` (function-level imports too)."""
+    roots: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split('.')[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            roots.add(node.module.split('.')[0])
+    return roots - set(sys.stdlib_module_names) - {'nemotron_ros'}
+
+
+def test_every_import_of_the_package_is_declared_in_package_xml() -> None:
+    """rosdep installs what package.xml declares: an undeclared import fails on a robot."""
+    text = (ROOT / 'package.xml').read_text()
+    package = ET.fromstring(text)
+    declared = {e.text for e in package if e.tag in ('exec_depend', 'depend')}
+    comments = ' '.join(re.findall(r'<!--(.*?)-->', text, re.S)).split()
+    comments = {word.strip(',.():') for word in comments}
+    missing = []
+    for path in sorted((ROOT / 'nemotron_ros').rglob('*.py')):
+        for root in _imported_roots(path):
+            if root in PIP_ONLY:
+                ok = PIP_ONLY[root] in comments
+            else:
+                ok = ROSDEP_KEYS.get(root, root) in declared
+            if not ok:
+                missing.append(f'{path.relative_to(ROOT)}: {root}')
+    assert not missing, f'imports without a declaration in package.xml: {missing}'
+    tests = {e.text for e in package.iter('test_depend')}
+    assert {'python3-pytest', 'python3-pytest-timeout', 'launch_pytest'} <= tests
+
+
+def test_license_file_matches_package_xml() -> None:
+    package = ET.parse(ROOT / 'package.xml').getroot()
+    assert package.findtext('license') == 'Apache-2.0'
+    text = (ROOT / 'LICENSE').read_text()
+    assert text.lstrip().startswith('Apache License')
+    assert 'Version 2.0, January 2004' in text
+    assert 'END OF TERMS AND CONDITIONS' in text
 
 
 def test_autostart_activates_after_configure_only(tree: ast.Module) -> None:

