@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 from builtin_interfaces.msg import Time
 
+from .engine.json_input import loads_bounded
 from .engine.scheduler import Outcome
 from .engine.world_state import Observation, Pose
 from .msg import Action, ToolCall
@@ -50,15 +50,13 @@ def outcome_to_action(outcome: Outcome, stamp: Time) -> Action:
 def observation_from_msg(msg: ObservationMsg, now: float) -> Observation:
     """The engine observation for a message; ValueError says what is malformed.
 
-    A zero stamp means "now"; attributes must be a JSON object (or empty).
+    A zero stamp means "now"; attributes must be a JSON object (or empty) nested at most
+    :data:`~.engine.json_input.MAX_JSON_DEPTH` levels deep.
     """
     stamp = stamp_seconds(msg.header.stamp) or now
     attributes = {}
     if msg.attributes_json.strip():
-        try:
-            attributes = json.loads(msg.attributes_json)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f'attributes_json is not valid JSON: {exc.msg}') from None
+        attributes = loads_bounded(msg.attributes_json, 'attributes_json')
         if not isinstance(attributes, dict):
             raise ValueError('attributes_json must be a JSON object')
     pose = None

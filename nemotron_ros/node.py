@@ -68,7 +68,7 @@ COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000,
                          durability=DurabilityPolicy.VOLATILE)
 FEEDBACK_PERIOD_S = 0.05
 #: How long a graceful shutdown waits for answers to reach their callers.
-SHUTDOWN_DELIVERY_S = 3.0
+SHUTDOWN_DELIVERY_S = 4.0
 SHUTTING_DOWN = 'node is shutting down'
 
 OutcomeSink = Callable[[Outcome], None]
@@ -228,8 +228,9 @@ class NemotronNode(LifecycleNode):
 
         :returns: False when some answers could not be confirmed within ``timeout``.
         """
+        started = time.monotonic()
         self.close(SHUTTING_DOWN)
-        end = time.monotonic() + timeout
+        end = started + timeout
         while self._in_flight and time.monotonic() < end:
             executor.spin_once(timeout_sec=0.02)
         acked = True
@@ -239,7 +240,11 @@ class NemotronNode(LifecycleNode):
         grace = time.monotonic() + 0.2
         while time.monotonic() < min(grace, end):
             executor.spin_once(timeout_sec=0.02)
-        return acked and not self._in_flight
+        delivered = acked and not self._in_flight
+        log = self.get_logger().info if delivered else self.get_logger().warning
+        log(f'shut down in {time.monotonic() - started:.2f} s: every outstanding request was '
+            f'answered' + ('' if delivered else ' (some answers may not have been delivered)'))
+        return delivered
 
     # -- requests: intake -----------------------------------------------------------------
     def _enqueue(self, prompt: Prompt, sink: OutcomeSink) -> None:

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from nemotron_ros.engine.json_input import MAX_JSON_DEPTH
 from nemotron_ros.engine.world_state import (
     FENCE_CLOSE,
     FENCE_OPEN,
@@ -15,6 +16,13 @@ from nemotron_ros.engine.world_state import (
     WorldState,
     neutralize,
 )
+
+
+def _nested(levels: int) -> list:
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
 
 
 def _obs(label: str, stamp: float, source: str = 'camera', **kw) -> Observation:
@@ -104,12 +112,22 @@ def test_render_only_yields_text():
     ({'confidence': float('inf')}, 'confidence'),
     ({'ttl_s': -1.0}, 'ttl_s'),
     ({'label': '  '}, 'label'),
+    ({'attributes': ['not', 'a', 'mapping']}, 'attributes must be a mapping'),
+    ({'attributes': {'deep': _nested(MAX_JSON_DEPTH)}}, 'attributes nest more than 32 levels'),
 ])
 def test_invalid_observations_are_refused(kwargs, match):
     values = {'source': 'cam', 'label': 'cup', 'stamp': 0.0}
     values.update(kwargs)
     with pytest.raises(ValueError, match=match):
         Observation(**values)
+
+
+def test_attributes_at_the_depth_limit_render_as_one_bounded_line():
+    world = WorldState()
+    deepest = _nested(MAX_JSON_DEPTH - 1)  # the attributes mapping is the first level
+    world.update(_obs('box', 0.0, attributes={'shape': deepest}), now=0.0)
+    line = _body(world.render(now=0.0))
+    assert 'shape=' + '[' * 30 in line and '\n' not in line
 
 
 def test_concurrent_updates_and_renders_are_safe():

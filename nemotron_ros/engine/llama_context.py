@@ -21,6 +21,10 @@ from llama_cpp import _logger as llama_logger
 
 _NULL_ABORT = llama_cpp.ggml_abort_callback(0)
 _FLASH_ATTN = {'auto': -1, 'off': 0, 'on': 1}
+# Token kinds llama_tokenize matches in plain text: control and unknown tokens when it parses
+# special tokens (the prompt needs that), user-defined ones always.
+_PARSED_SPECIAL = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+_USER_DEFINED = llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
 
 
 class LlamaLoadError(RuntimeError):
@@ -157,6 +161,23 @@ class LlamaContext:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
     # -- text -----------------------------------------------------------------------------
+    def special_token_texts(self) -> tuple[list[str], list[str]]:
+        """(control and unknown token texts, user-defined token texts).
+
+        :meth:`tokenize` turns these texts into their tokens wherever they appear: the first
+        kind because it parses special tokens (the prompt's own markers need that), the second
+        always. A prompt format defangs them in untrusted text (see ``vocab_markers``).
+        """
+        control: list[str] = []
+        user_defined: list[str] = []
+        for token in range(self.n_vocab):
+            attr = llama_cpp.llama_vocab_get_attr(self.vocab, token)
+            if attr & _PARSED_SPECIAL:
+                control.append(self.token_text(token))
+            elif attr & _USER_DEFINED:
+                user_defined.append(self.token_text(token))
+        return control, user_defined
+
     def tokenize(self, text: str, add_special: bool = False) -> list[int]:
         data = text.encode('utf-8')
         capacity = len(data) + 8

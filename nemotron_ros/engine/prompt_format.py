@@ -7,8 +7,6 @@ Two formats, one tool-call syntax:
   ``<think>`` switching, past calls in the native ``<tool_call>`` syntax and tool results
   as a user turn of ``<tool_response>`` blocks. The layout follows the model's chat template
   as ported by Ollama (``Nemotron3NanoRenderer``) and Qwen3-Coder's ``render_extra_keys``.
-  ChatML turn markers inside message text (commands, perception, tool results) are
-  dropped, so such text cannot forge a turn.
 * :class:`TemplateFormat` renders any other model's embedded GGUF chat template in a
   sandbox. The system message lists the tools as ready-made call blocks in the *same* native
   syntax (:func:`render_call_menu`), so one grammar and one parser serve every model.
@@ -18,6 +16,13 @@ Two formats, one tool-call syntax:
 Each render returns a :class:`RenderedPrompt` whose ``prefix`` (the system turn with the
 tools) is identical for every request with the same system prompt and tools: a backend
 snapshots the model state after it and only evaluates the rest per request.
+
+Both formats defang chat-control markers in message text (commands, perception, context, tool
+results, past answers) with :class:`MarkerGuard`: the model's own special tokens, which its
+tokenizer would otherwise turn into control tokens, plus the common ChatML/Llama/Gemma markers
+and this package's tool tags. So text from other nodes cannot forge a turn, a system prompt or
+an end of text: after rendering, every control token in a prompt is one the format put there.
+The configured system prompt and tool descriptions are trusted and rendered verbatim.
 """
 
 from __future__ import annotations
@@ -25,16 +30,17 @@ from __future__ import annotations
 import abc
 import datetime
 import json
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import jinja2
 import jinja2.sandbox
 
-from .tool_parser import render_tool_call
+from .tool_parser import format_value, render_tool_call
 from .tools import ToolSpec
-from .types import Message
+from .types import Message, ToolCall
 
 IM_START = '<|im_start|>'
 IM_END = '<|im_end|>'
@@ -63,6 +69,23 @@ CALL_MENU_FOOTER = 'If no function fits, answer in plain words.'
 
 _PROBES = ('\x01probe-a\x01', '\x02probe-b\x02')
 
+DEFANG = '\u200b'
+"""Zero-width space: inserted after a marker's first character, it keeps the text readable
+while no tokenizer matches the marker any more."""
+
+GENERIC_MARKERS = (
+    '<|im_start|>', '<|im_end|>', '<|endoftext|>', '<|begin_of_text|>', '<|end_of_text|>',
+    '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>', '<|eom_id|>', '<|python_tag|>',
+    '[INST]', '[/INST]', '<<SYS>>', '<</SYS>>', '<s>', '</s>', '<start_of_turn>',
+    '<end_of_turn>', '<think>', '</think>', '<tool_call>', '</tool_call>', '<tool_response>',
+    '</tool_response>')
+"""Markers defanged for every model: chat-template markers of the common families and the
+tags of this package's own prompt layout, whether or not the vocabulary has them as tokens."""
+
+_MARKUP_CHARS = frozenset('<>[]|')
+# Any ``<|word|>``: the marker shape of ChatML, Llama 3, Phi and most recent templates.
+_MARKER_SHAPE = r'<\|[^<>|\s\u200b]{1,64}\|>'
+
 
 class PromptFormatError(ValueError):
     """A prompt cannot be rendered: no chat template, a broken one, or one that refuses."""
@@ -88,10 +111,89 @@ class RenderedPrompt:
             raise ValueError('RenderedPrompt.text must start with its prefix')
 
 
+def vocab_markers(special: Iterable[str], added: Iterable[str] = ()) -> list[str]:
+    """The token texts a format must defang, from what a tokenizer matches in plain text.
+
+    :param special: control/special token texts (all of them count).
+    :param added: other tokens matched as a whole (llama.cpp's user-defined tokens, Hugging
+        Face's added tokens); only those that look like markup (``<think>``, ``[TOOL_CALLS]``)
+        count, not the whitespace runs or words some vocabularies add.
+    """
+    return [*special, *(t for t in added if _MARKUP_CHARS.intersection(t))]
+
+
+class MarkerGuard:
+    """Defangs chat-control markers in untrusted text by inserting :data:`DEFANG`.
+
+    :param special_tokens: the model's special token texts (control, user-defined and unknown
+        tokens, which its tokenizer matches in plain text); texts shorter than two characters
+        cannot be defanged this way and are skipped.
+
+    A marker is broken by a zero-width space after its first character, never removed:
+    removing ``<|im_start|>`` from ``<|im_<|im_start|>start|>`` would assemble a new one. The
+    guard repeats until no marker is left; an insertion can never complete a marker (none
+    contains :data:`DEFANG`), so that ends after at most one pass per marker found.
+    """
+
+    def __init__(self, special_tokens: Iterable[str] = ()) -> None:
+        self.markers: frozenset[str] = frozenset(
+            t for t in (*GENERIC_MARKERS, *special_tokens)
+            if len(t) >= 2 and t.strip() and DEFANG not in t)
+        self._pattern = re.compile(f'{_trie_pattern(self.markers)}|{_MARKER_SHAPE}')
+
+    def __call__(self, text: str) -> str:
+        """``text`` with every marker defanged (unchanged when it holds none)."""
+        found = 1
+        while found:
+            text, found = self._pattern.subn(_defang_match, text)
+        return text
+
+    def call(self, call: ToolCall) -> str:
+        """A past tool call in the native syntax, its argument values defanged."""
+        return render_tool_call(
+            call.name, {name: self(format_value(v)) for name, v in call.arguments.items()})
+
+
+def _trie_pattern(words: Iterable[str]) -> str:
+    """A regex matching any of ``words``, longest first, as a trie.
+
+    A plain alternation tries every word at each candidate position; vocabularies with a
+    thousand ``<SPECIAL_n>`` tokens made that cost ~20 ms on text full of ``<``.
+    """
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[''] = {}
+
+    def emit(node: dict) -> str:
+        branches = [re.escape(char) + emit(child) for char, child in sorted(node.items())
+                    if char]
+        if not branches:
+            return ''
+        body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        return f'(?:{body})?' if '' in node else body
+
+    return emit(trie)
+
+
+def _defang_match(match: re.Match) -> str:
+    marker = match.group()
+    return marker[0] + DEFANG + marker[1:]
+
+
 class PromptFormat(abc.ABC):
-    """Renders a conversation plus tools into prompt text; pure and thread-safe."""
+    """Renders a conversation plus tools into prompt text; pure and thread-safe.
+
+    :param special_tokens: the model's special token texts, defanged in message text (see
+        :class:`MarkerGuard`).
+    """
 
     name: str = ''
+
+    def __init__(self, special_tokens: Iterable[str] = ()) -> None:
+        self.guard = MarkerGuard(special_tokens)
 
     @abc.abstractmethod
     def render(self, messages: Sequence[Message], tools: Sequence[ToolSpec] = (), *,
@@ -108,7 +210,7 @@ class NemotronFormat(PromptFormat):
                thinking: bool = False) -> RenderedPrompt:
         system, rest = split_system(messages)
         prefix = _turn('system', system_text(system, tools))
-        body = ''.join(_nemotron_turns(rest))
+        body = ''.join(_nemotron_turns(rest, self.guard))
         tail = f'{IM_START}assistant\n<think>\n' if thinking else (
             f'{IM_START}assistant\n<think></think>')
         return RenderedPrompt(prefix=prefix, text=prefix + body + tail, reasoning_open=thinking)
@@ -126,7 +228,9 @@ class TemplateFormat(PromptFormat):
 
     name = 'template'
 
-    def __init__(self, template: str, bos_token: str = '', eos_token: str = '') -> None:
+    def __init__(self, template: str, bos_token: str = '', eos_token: str = '',
+                 special_tokens: Iterable[str] = ()) -> None:
+        super().__init__(special_tokens)
         if not template or not template.strip():
             raise PromptFormatError('the chat template is empty')
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
@@ -144,7 +248,7 @@ class TemplateFormat(PromptFormat):
                thinking: bool = False) -> RenderedPrompt:
         system, rest = split_system(messages)
         head = system_text(system, tools, render_call_menu)
-        turns = _plain_turns(rest)
+        turns = _plain_turns(rest, self.guard)
         text = self._render(head, turns, thinking, generation=True)
         probes = [self._render(head, [{'role': 'user', 'content': p}], thinking, False)
                   for p in _PROBES]
@@ -171,12 +275,14 @@ class TemplateFormat(PromptFormat):
 
 
 def select_prompt_format(metadata: Mapping[str, Any], *, bos_token: str = '',
-                         eos_token: str = '') -> PromptFormat:
+                         eos_token: str = '',
+                         special_tokens: Iterable[str] = ()) -> PromptFormat:
     """Pick the format for a model from its GGUF metadata.
 
     Nemotron's native format when the chat template uses ``<function=`` tool calls, or the
     architecture is ``nemotron_h``/``nemotron_h_moe`` with a ChatML template or none;
-    otherwise the model's own template.
+    otherwise the model's own template. ``special_tokens`` are the texts the model's tokenizer
+    turns into special tokens; the format defangs them in message text.
 
     :raises PromptFormatError: a non-Nemotron model without a chat template.
     """
@@ -184,12 +290,13 @@ def select_prompt_format(metadata: Mapping[str, Any], *, bos_token: str = '',
     template = str(metadata.get('tokenizer.chat_template') or '')
     nemotron_arch = architecture in ('nemotron_h', 'nemotron_h_moe')
     if '<function=' in template or (nemotron_arch and (not template or IM_START in template)):
-        return NemotronFormat()
+        return NemotronFormat(special_tokens)
     if not template.strip():
         raise PromptFormatError(
             f'model (architecture {architecture or "unknown"!r}) has no chat template '
             "(GGUF key 'tokenizer.chat_template'); only Nemotron 3 models work without one")
-    return TemplateFormat(template, bos_token=bos_token, eos_token=eos_token)
+    return TemplateFormat(template, bos_token=bos_token, eos_token=eos_token,
+                          special_tokens=special_tokens)
 
 
 def render_tools_section(tools: Sequence[ToolSpec]) -> str:
@@ -249,12 +356,18 @@ def _function_block(tool: ToolSpec) -> str:
     parameters = tool.effective_parameters
     for name, fields in parameters.get('properties', {}).items():
         out.append(f'\n<parameter>\n<name>{name}</name>')
-        out.append(f"\n<type>{fields['type']}</type>")
+        if 'type' in fields:
+            out.append(f"\n<type>{_python_str(fields['type'])}</type>")
         if 'description' in fields:
             out.append(f"\n<description>{fields['description'].strip()}</description>")
-        out.append(_extra_keys(fields, ('name', 'type', 'description')))
+        if 'enum' in fields:
+            out.append(f"\n<enum>{_tojson(fields['enum'])}</enum>")
+        out.append(_extra_keys(fields, ('name', 'type', 'description', 'enum')))
         out.append('\n</parameter>')
-    out.append(_extra_keys(parameters, ('type', 'properties')))
+    # The template writes the other keys first and ``required`` last, whatever the key order.
+    out.append(_extra_keys(parameters, ('type', 'properties', 'required')))
+    if 'required' in parameters:
+        out.append(f"\n<required>{_tojson(parameters['required'])}</required>")
     out.append('\n</parameters>\n</function>')
     return ''.join(out)
 
@@ -304,49 +417,44 @@ def _extra_keys(fields: Mapping[str, Any], handled: Sequence[str]) -> str:
     return ''.join(out)
 
 
-def _nemotron_turns(messages: Sequence[Message]) -> list[str]:
+def _nemotron_turns(messages: Sequence[Message], guard: MarkerGuard) -> list[str]:
     out = []
     for index, message in enumerate(messages):
         if message.role == 'assistant':
-            out.append(_nemotron_assistant(message))
+            out.append(_nemotron_assistant(message, guard))
         elif message.role == 'tool':
             opens = index == 0 or messages[index - 1].role != 'tool'
             closes = index + 1 == len(messages) or messages[index + 1].role != 'tool'
             out.append((f'{IM_START}user\n' if opens else '')
-                       + f'<tool_response>\n{_no_turn_markers(message.content)}\n'
+                       + f'<tool_response>\n{guard(message.content)}\n'
                        + '</tool_response>\n' + (f'{IM_END}\n' if closes else ''))
         else:
-            out.append(_turn(message.role, _no_turn_markers(message.content)))
+            out.append(_turn(message.role, guard(message.content)))
     return out
 
 
-def _no_turn_markers(text: str) -> str:
-    """Drop ChatML turn markers from message text, so that text cannot open a fake turn."""
-    return text.replace(IM_START, '').replace(IM_END, '')
-
-
-def _nemotron_assistant(message: Message) -> str:
-    content = ('<think></think>' + _no_turn_markers(message.content)).strip()
+def _nemotron_assistant(message: Message, guard: MarkerGuard) -> str:
+    content = ('<think></think>' + guard(message.content)).strip()
     if not message.tool_calls:
         return _turn('assistant', content)
-    calls = ''.join(render_tool_call(c.name, c.arguments) + '\n' for c in message.tool_calls)
+    calls = ''.join(guard.call(c) + '\n' for c in message.tool_calls)
     return f'{IM_START}assistant\n{content}\n{calls}{IM_END}\n'
 
 
-def _plain_turns(messages: Sequence[Message]) -> list[dict]:
+def _plain_turns(messages: Sequence[Message], guard: MarkerGuard) -> list[dict]:
     """Messages as plain role/content dicts a tool-unaware template can render."""
     turns: list[dict] = []
     for message in messages:
         if message.role == 'tool':
-            block = f'<tool_response>\n{message.content}\n</tool_response>'
+            block = f'<tool_response>\n{guard(message.content)}\n</tool_response>'
             if turns and turns[-1].get('tool_results'):
                 turns[-1]['content'] += '\n' + block
             else:
                 turns.append({'role': 'user', 'content': block, 'tool_results': True})
             continue
-        content = message.content
+        content = guard(message.content)
         if message.tool_calls:
-            calls = '\n'.join(render_tool_call(c.name, c.arguments) for c in message.tool_calls)
+            calls = '\n'.join(guard.call(c) for c in message.tool_calls)
             content = f'{content.strip()}\n{calls}' if content.strip() else calls
         turns.append({'role': message.role, 'content': content})
     return [{'role': t['role'], 'content': t['content']} for t in turns]

@@ -19,6 +19,8 @@ backend's prefix snapshot of system prompt + tools stays reusable.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import math
 import threading
@@ -26,6 +28,9 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from . import settings
+from .json_input import MAX_JSON_DEPTH, value_depth
 
 FENCE_OPEN = '<world_state>'
 FENCE_CLOSE = '</world_state>'
@@ -72,7 +77,8 @@ class Observation:
 
     :param stamp: when it was observed, in seconds on the caller's clock.
     :param ttl_s: seconds it stays valid after ``stamp``; 0 means the store's default.
-    :param attributes: JSON-like values (numbers, strings, lists, objects).
+    :param attributes: JSON-like values (numbers, strings, lists, objects), nested at most
+        :data:`~.json_input.MAX_JSON_DEPTH` levels deep (the mapping itself is one).
     """
 
     source: str
@@ -96,6 +102,11 @@ class Observation:
                 raise ValueError(f'observation {name} must be a finite number, got {value!r}')
         if self.ttl_s < 0:
             raise ValueError(f'observation ttl_s must be >= 0, got {self.ttl_s}')
+        if not isinstance(self.attributes, Mapping):
+            raise ValueError('observation attributes must be a mapping, got '
+                             f'{type(self.attributes).__name__}')
+        if value_depth(self.attributes) > MAX_JSON_DEPTH:  # rendering walks them
+            raise ValueError(f'observation attributes nest more than {MAX_JSON_DEPTH} levels deep')
 
     @property
     def key(self) -> tuple[str, str]:
@@ -107,17 +118,26 @@ class WorldState:
 
     :param max_observations: entries kept at most; the oldest (by stamp) is evicted first.
     :param default_ttl_s: lifetime of observations whose ``ttl_s`` is 0.
+
+    Defaults and limits are those of the node's ``world_state.*`` parameters
+    (:mod:`.settings`).
     """
 
-    def __init__(self, max_observations: int = 32, default_ttl_s: float = 10.0) -> None:
-        if max_observations < 1:
-            raise ValueError(f'max_observations must be >= 1, got {max_observations}')
-        if not (math.isfinite(default_ttl_s) and default_ttl_s > 0):
-            raise ValueError(f'default_ttl_s must be a finite number > 0, got {default_ttl_s}')
+    def __init__(self,
+                 max_observations: int = settings.default('world_state.max_observations'),
+                 default_ttl_s: float = settings.default('world_state.default_ttl_s')) -> None:
+        settings.check('world_state.max_observations', max_observations)
+        settings.check('world_state.default_ttl_s', default_ttl_s)
         self._max = max_observations
         self._default_ttl_s = default_ttl_s
         self._lock = threading.Lock()
         self._items: dict[tuple[str, str], Observation] = {}
+        # (stamp, seq, key) of every stored observation, oldest first; entries whose
+        # observation was since replaced are skipped lazily. Keeps ``update`` O(log n) even
+        # when a perception flood from thousands of sources overflows the store.
+        self._by_age: list[tuple[float, int, tuple[str, str]]] = []
+        self._seq = itertools.count()
+        self._seq_of: dict[tuple[str, str], int] = {}
 
     def __len__(self) -> int:
         with self._lock:
@@ -138,18 +158,21 @@ class WorldState:
             held = self._items.get(observation.key)
             if held is not None and held.stamp > observation.stamp:
                 return False
-            self._items[observation.key] = observation
-            self._prune_locked(now)
+            self._store_locked(observation)
+            self._evict_locked()
             return observation.key in self._items
 
     def remove(self, source: str, label: str) -> bool:
         """Forget one entry; False when it was not held."""
         with self._lock:
+            self._seq_of.pop((source, label), None)
             return self._items.pop((source, label), None) is not None
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._by_age.clear()
+            self._seq_of.clear()
 
     def observations(self, now: float) -> list[Observation]:
         """Return the live observations, newest first (expired ones are dropped)."""
@@ -168,12 +191,28 @@ class WorldState:
         body = '\n'.join(lines) if lines else '(no current observations)'
         return f'{FENCE_OPEN}\n{body}\n{FENCE_CLOSE}'
 
+    def _store_locked(self, observation: Observation) -> None:
+        seq = next(self._seq)
+        self._items[observation.key] = observation
+        self._seq_of[observation.key] = seq
+        heapq.heappush(self._by_age, (observation.stamp, seq, observation.key))
+        if len(self._by_age) > 2 * len(self._items) + 64:  # drop replaced entries
+            self._by_age = [e for e in self._by_age if self._seq_of.get(e[2]) == e[1]]
+            heapq.heapify(self._by_age)
+
+    def _evict_locked(self) -> None:
+        """Drop the oldest observations (by stamp) until the store is within its bound."""
+        while len(self._items) > self._max and self._by_age:
+            _stamp, seq, key = heapq.heappop(self._by_age)
+            if self._seq_of.get(key) == seq:
+                del self._items[key]
+                del self._seq_of[key]
+
     def _prune_locked(self, now: float) -> None:
         for key in [k for k, o in self._items.items() if self.expires_at(o) <= now]:
             del self._items[key]
-        while len(self._items) > self._max:
-            oldest = min(self._items.values(), key=lambda o: o.stamp)
-            del self._items[oldest.key]
+            del self._seq_of[key]
+        self._evict_locked()
 
 
 def neutralize(text: object, limit: int = _MAX_FIELD_CHARS) -> str:
