@@ -8,6 +8,7 @@ on tight timings, because the CI machines are shared.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter
@@ -15,7 +16,7 @@ from typing import Optional
 
 import pytest
 
-from nemotron_ros.engine.backend import Backend, ModelInfo
+from nemotron_ros.engine.backend import Backend, ModelGuard, ModelInfo
 from nemotron_ros.engine.estimator import EstimatorConfig
 from nemotron_ros.engine.scheduler import (
     Outcome,
@@ -32,6 +33,8 @@ from nemotron_ros.engine.types import (
     GenerationResult,
     Message,
     SamplingParams,
+    ToolCall,
+    ToolChoice,
     Usage,
 )
 
@@ -44,7 +47,8 @@ class SleepBackend(Backend):
 
     The user message is the request's tag: ``answers`` maps tags to answer lengths, tags in
     ``fail`` raise, ``stalls`` adds an unforeseeable pause to the prefill, tags starting with
-    ``stubborn`` ignore deadline and cancel.
+    ``stubborn`` ignore deadline and cancel. ``calls`` and ``rejected`` give a tag's answer
+    valid tool calls and dropped ones (as ``Backend.finish`` reports them).
     """
 
     def __init__(self, default_tokens: int = 4) -> None:
@@ -53,6 +57,8 @@ class SleepBackend(Backend):
         self.answers: dict[str, int] = {}
         self.fail: set[str] = set()
         self.stalls: dict[str, float] = {}
+        self.calls: dict[str, list[ToolCall]] = {}
+        self.rejected: dict[str, list[str]] = {}
         self.started: list[str] = []
         self.max_tokens_seen: dict[str, int] = {}
         self.max_concurrent = 0
@@ -113,7 +119,9 @@ class SleepBackend(Backend):
         usage.total_s = time.monotonic() - start
         usage.decode_s = max(0.0, usage.total_s - usage.prefill_s - DECODE_S)
         text = 'ok ' * usage.completion_tokens if reason is FinishReason.STOP else ''
-        return GenerationResult(text=text, finish_reason=reason, usage=usage)
+        calls = list(self.calls.get(tag, [])) if reason is FinishReason.STOP else []
+        return GenerationResult(text=text, finish_reason=reason, usage=usage, tool_calls=calls,
+                                rejected=list(self.rejected.get(tag, [])))
 
     @staticmethod
     def _stop_reason(tag: str, request: GenerationRequest) -> Optional[FinishReason]:
@@ -137,10 +145,11 @@ def _config(**overrides) -> SchedulerConfig:
 
 def _request(tag: str, budget_s: float = 5.0, priority: int = 0,
              kind: RequestKind = RequestKind.TOPIC, max_tokens: int = 256,
-             request_id: str = '') -> ScheduledRequest:
+             request_id: str = '', tool_choice: ToolChoice = ToolChoice.AUTO
+             ) -> ScheduledRequest:
     generation = GenerationRequest(
         messages=[Message('system', 'You are a robot.'), Message('user', tag)],
-        sampling=SamplingParams(max_tokens=max_tokens))
+        sampling=SamplingParams(max_tokens=max_tokens), tool_choice=tool_choice)
     return ScheduledRequest(payload=generation, id=request_id or tag, budget_s=budget_s,
                             priority=priority, kind=kind)
 
@@ -353,7 +362,12 @@ def test_watchdog_answers_at_deadline_when_backend_overruns(make_scheduler, back
     handle = scheduler.submit(_request('stubborn', budget_s=0.3))
     outcome = handle.result(timeout=5)
     assert outcome.status is RequestStatus.BUDGET_EXCEEDED
-    assert outcome.result is None, 'answered at the deadline, before the backend returned'
+    assert outcome.status_message.startswith('no answer by the deadline'), \
+        'answered by the watchdog at the deadline, before the backend returned'
+    # What the watchdog knows is reported: the prompt it counted, nothing streamed yet.
+    assert outcome.result is not None and outcome.result.finish_reason is FinishReason.DEADLINE
+    assert outcome.result.usage.prompt_tokens > 0
+    assert outcome.result.usage.completion_tokens == 0
     assert outcome.total_s < 0.55
     after = scheduler.submit(_request('after', budget_s=5.0)).result(timeout=5)
     assert after.ok and backend.started == ['stubborn', 'after']
@@ -483,6 +497,349 @@ def test_config_errors_name_the_parameter():
         SchedulerConfig(default_budget_s=float('nan'))
 
 
+# --------------------------------------------------------------------------- dropped calls
+# A tool call the model wrote but that was not passed on is reported, counted, and under
+# tool_choice REQUIRED an answer without a valid call is INVALID_OUTPUT, never OK.
+
+NAVIGATE_REFUSED = 'call_0: navigate_to: speed 9 > max 1.0'
+
+
+def test_dropped_tool_call_is_reported_and_counted(make_scheduler, backend):
+    scheduler = make_scheduler()
+    backend.rejected['refused'] = [NAVIGATE_REFUSED]
+    outcome = scheduler.submit(_request('refused')).result(timeout=5)
+    assert outcome.status is RequestStatus.OK, 'tool_choice auto: a reply without calls is fine'
+    assert outcome.status_message == f'dropped 1 tool call: {NAVIGATE_REFUSED}'
+    assert scheduler.stats().dropped_tool_calls == 1
+
+
+def test_dropped_calls_are_counted_per_call_not_per_problem(make_scheduler, backend):
+    scheduler = make_scheduler()
+    backend.rejected['two'] = [NAVIGATE_REFUSED, 'call_0: navigate_to: place is required',
+                               "call_1: tool 'fly' is not allowed for this request"]
+    outcome = scheduler.submit(_request('two')).result(timeout=5)
+    assert outcome.status_message.startswith('dropped 2 tool calls: ')
+    assert scheduler.stats().dropped_tool_calls == 2
+
+
+def test_required_answer_without_valid_call_is_invalid_output(make_scheduler, backend):
+    scheduler = make_scheduler()
+    backend.rejected['refused'] = [NAVIGATE_REFUSED]
+    outcome = scheduler.submit(_request('refused', tool_choice=ToolChoice.REQUIRED)).result(5)
+    assert outcome.status is RequestStatus.INVALID_OUTPUT
+    assert int(outcome.status) == 9
+    assert outcome.status_message == ('no valid tool call although one is required; dropped 1 '
+                                      f'tool call: {NAVIGATE_REFUSED}')
+    assert scheduler.stats().counts['INVALID_OUTPUT'] == 1
+
+
+def test_required_answer_cut_by_own_max_tokens_is_invalid_output(make_scheduler, backend):
+    scheduler = make_scheduler()
+    backend.answers['cut'] = 100
+    backend.rejected['cut'] = ['generation ended by length: incomplete tool calls dropped']
+    outcome = scheduler.submit(_request('cut', max_tokens=5,
+                                        tool_choice=ToolChoice.REQUIRED)).result(timeout=5)
+    assert outcome.status is RequestStatus.INVALID_OUTPUT
+    assert outcome.status_message.startswith(
+        'no valid tool call although one is required, stopped at max_tokens (5); dropped 1 '
+        'tool call: generation ended by length')
+
+
+def test_required_answer_with_a_valid_call_is_ok(make_scheduler, backend):
+    scheduler = make_scheduler()
+    backend.calls['go'] = [ToolCall('call_0', 'navigate_to', {'place': 'dock'})]
+    outcome = scheduler.submit(_request('go', tool_choice=ToolChoice.REQUIRED)).result(5)
+    assert outcome.status is RequestStatus.OK and outcome.status_message == ''
+    assert scheduler.stats().dropped_tool_calls == 0
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def test_admission_plans_the_typical_answer_not_a_minimum(make_scheduler, backend):
+    # Answers of 40 tokens (0.2 s) are learned; a request whose budget fits 16 tokens but
+    # not 40 is refused at the door instead of being cut at its deadline.
+    scheduler = make_scheduler(min_new_tokens=2)
+    backend.default_tokens = 40
+    for index in range(4):  # enough answers to plan from them, not from the prior
+        assert scheduler.submit(_request(f'learn{index}')).result(timeout=5).ok
+    handle = scheduler.submit(_request('tight', budget_s=0.12))
+    assert handle.done(), 'decided inside submit()'
+    outcome = handle.result(timeout=0)
+    assert outcome.status is RequestStatus.REJECTED_BUDGET
+    assert outcome.estimate.decode_tokens == 40
+    assert scheduler.submit(_request('roomy', budget_s=1.0)).result(timeout=5).ok
+
+
+def test_admission_counts_the_queue_at_its_real_lengths(make_scheduler, backend):
+    # A 40-token answer running and two queued ahead (0.2 s each): 0.45 s is not enough.
+    scheduler = make_scheduler(min_new_tokens=2)
+    backend.default_tokens = 40
+    for index in range(4):  # enough answers to plan from them, not from the prior
+        assert scheduler.submit(_request(f'learn{index}')).result(timeout=5).ok
+    backend.answers['running'] = 40
+    backend.stalls['running'] = 0.3
+    running = scheduler.submit(_request('running', budget_s=5.0))
+    backend.wait_started('running')
+    queued = [scheduler.submit(_request(f'q{i}', budget_s=5.0, priority=1)) for i in range(2)]
+    late = scheduler.submit(_request('late', budget_s=0.45))  # runs after the priority-1 pair
+    assert late.done(), 'decided inside submit()'
+    outcome = late.result(timeout=0)
+    assert outcome.status is RequestStatus.REJECTED_BUDGET
+    assert outcome.estimate.wait_s > 0.4, outcome.status_message
+    assert all(h.result(timeout=5).ok for h in [running, *queued])
+
+
+def test_newcomer_that_would_make_an_admitted_request_late_is_refused(make_scheduler, backend):
+    # Answers of 80 tokens (0.4 s) are learned. 'admitted' (1.0 s) fits after the running one;
+    # 'jumper' (0.9 s) would fit itself, but it would run first (earlier deadline) and push
+    # 'admitted' to 1.2 s: the "yes" already given is kept, the newcomer is told "no".
+    scheduler = make_scheduler(min_new_tokens=2)
+    backend.default_tokens = 80
+    for index in range(4):  # enough answers to plan from them, not from the prior
+        assert scheduler.submit(_request(f'learn{index}')).result(timeout=5).ok
+    running = scheduler.submit(_request('running', budget_s=5.0))
+    backend.wait_started('running')
+    admitted = scheduler.submit(_request('admitted', budget_s=1.0))
+    assert not admitted.done()
+    jumper = scheduler.submit(_request('jumper', budget_s=0.9))
+    assert jumper.done(), 'decided inside submit()'
+    assert jumper.result(0).status is RequestStatus.REJECTED_BUDGET
+    assert "'admitted'" in jumper.result(0).status_message
+    assert admitted.result(timeout=5).ok and running.result(timeout=5).ok
+
+
+# --------------------------------------------------------------------------- engine lifecycle
+# Engine.submit races close() and set_active() on other threads (as the node's intake thread
+# races lifecycle transitions): it never raises, and every request gets exactly one answer.
+
+
+class EngineFakeBackend(Backend):
+    """A backend for the engine that frees its "model" like a real one.
+
+    Counting or generating after ``unload`` raises ``BackendError`` (as llama.cpp's does);
+    ``unload`` while a generation runs would be a use-after-free and is recorded.
+    ``block`` makes ``generate`` wait for it, ignoring deadline and cancel (a prefill chunk
+    that cannot be aborted); ``count_error`` makes counting fail.
+    """
+
+    def __init__(self, tools: ToolRegistry) -> None:
+        super().__init__(tools)
+        self.guard = ModelGuard()
+        self.freed = threading.Event()
+        self.generating = 0
+        self.freed_while_generating = False
+        self.block: Optional[threading.Event] = None
+        self.started = threading.Event()
+        self.count_error: Optional[Exception] = None
+
+    def load(self) -> ModelInfo:
+        self.guard.open()
+        return ModelInfo('fake', 'fake', 'none', 4096, 100, False)
+
+    def unload(self) -> None:
+        self.guard.retire()
+        if self.generating:
+            self.freed_while_generating = True
+        self.freed.set()
+
+    @property
+    def loaded(self) -> bool:
+        return not self.freed.is_set()
+
+    def count_tokens(self, text: str) -> int:
+        with self.guard.use():
+            if self.count_error is not None:
+                raise self.count_error
+            time.sleep(0.0002)  # a tokenize takes a while: widens the race with close()
+            return len(text.split())
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        with self.guard.use():
+            self.generating += 1
+            try:
+                return self._generate(request)
+            finally:
+                self.generating -= 1
+
+    def _generate(self, request: GenerationRequest) -> GenerationResult:
+        self.started.set()
+        if self.block is not None and request.sampling.max_tokens > 1:
+            self.block.wait(10.0)
+        usage = Usage(prompt_tokens=5, prefill_s=0.001, time_to_first_token_s=0.001)
+        for _ in range(min(3, request.sampling.max_tokens)):
+            if request.cancel is not None and request.cancel.cancelled:
+                return GenerationResult(finish_reason=request.cancel.reason, usage=usage)
+            time.sleep(0.001)
+            usage.completion_tokens += 1
+        usage.decode_s = 0.002
+        return GenerationResult(text='ok', usage=usage)
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    from nemotron_ros.engine import runtime
+    from nemotron_ros.engine.config import EngineConfig
+
+    made: list[EngineFakeBackend] = []
+
+    def create(kind, tools, options):
+        made.append(EngineFakeBackend(tools))
+        return made[-1]
+
+    monkeypatch.setattr(runtime, 'create_backend', create)
+
+    def load() -> tuple[runtime.Engine, EngineFakeBackend]:
+        engine = runtime.Engine(clock=time.monotonic)
+        engine.load(EngineConfig(model_path='fake.gguf', warm_up=False))
+        engine.set_active(True)
+        made[-1].started.clear()  # set by the prefix priming in load
+        return engine, made[-1]
+
+    return load
+
+
+class _Answers:
+    """Records every answer per request id, from any thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_id: dict[str, list[Outcome]] = {}
+
+    def __call__(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.by_id.setdefault(outcome.request_id, []).append(outcome)
+
+    def statuses(self) -> Counter:
+        with self.lock:
+            return Counter(o.status for outcomes in self.by_id.values() for o in outcomes)
+
+
+@pytest.mark.parametrize('transition', ['close', 'deactivate', 'reload'])
+def test_submit_racing_lifecycle_transitions_answers_each_request_once(fake_engine, caplog,
+                                                                       transition):
+    rng = random.Random(transition)
+    for iteration in range(30):
+        engine, backend = fake_engine()
+        answers, ids, raised = _race_once(engine, transition, rng.uniform(0.0, 0.003),
+                                          prefix=f'{iteration}-')
+        assert not raised, raised
+        assert set(answers.by_id) == set(ids)
+        assert all(len(outcomes) == 1 for outcomes in answers.by_id.values())
+        assert not backend.freed_while_generating
+        # Budgets are ample: the only outcomes are served, refused for a full queue, or
+        # answered INACTIVE by the transition.
+        assert set(answers.statuses()) <= {RequestStatus.OK, RequestStatus.INACTIVE,
+                                           RequestStatus.REJECTED_BUSY}
+    assert 'second answer' not in caplog.text
+
+
+def _race_once(engine, transition: str, delay_s: float, prefix: str
+               ) -> tuple[_Answers, list[str], list[BaseException]]:
+    """Three threads submit 20 prompts each while a fourth runs ``transition``."""
+    from nemotron_ros.engine.runtime import Prompt
+
+    answers = _Answers()
+    raised: list[BaseException] = []
+    ids: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def submitter(index: int) -> None:
+        barrier.wait()
+        for n in range(20):
+            request_id = f'{prefix}{index}-{n}'
+            ids.append(request_id)
+            try:
+                engine.submit(Prompt(text='go to the dock', id=request_id,
+                                     budget_ms=600_000), answers)
+            except BaseException as exc:  # the contract is "never raises"
+                raised.append(exc)
+
+    def transitioner() -> None:
+        barrier.wait()
+        time.sleep(delay_s)
+        if transition == 'close':
+            engine.close('shutting down')
+        elif transition == 'deactivate':
+            engine.set_active(False)
+        else:
+            fake_engine_reload(engine)
+
+    threads = [threading.Thread(target=submitter, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=transitioner))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    engine.close()
+    return answers, ids, raised
+
+
+def fake_engine_reload(engine) -> None:
+    """Configure again while serving (cleanup + configure): everything pending is INACTIVE."""
+    from nemotron_ros.engine.config import EngineConfig
+
+    engine.load(EngineConfig(model_path='fake.gguf', warm_up=False))
+
+
+def test_submit_answers_error_when_counting_fails_and_never_raises(fake_engine):
+    from nemotron_ros.engine.runtime import Prompt
+
+    engine, backend = fake_engine()
+    answers = _Answers()
+    backend.count_error = RuntimeError('tokenizer exploded')
+    engine.submit(Prompt(text='go', id='count'), answers)
+    (outcome,) = answers.by_id['count']
+    assert outcome.status is RequestStatus.ERROR
+    assert outcome.status_message == ('could not take the request: RuntimeError: tokenizer '
+                                      'exploded')
+    backend.count_error = None
+
+    def explode(outcome: Outcome) -> None:
+        raise RuntimeError('caller bug')
+
+    engine.submit(Prompt(text='go', id='bad-callback'), explode)  # must not raise
+    engine.close()
+
+
+def test_submit_after_close_answers_inactive_with_the_close_reason(fake_engine):
+    from nemotron_ros.engine.runtime import Prompt
+
+    engine, backend = fake_engine()
+    answers = _Answers()
+    backend.block = threading.Event()
+    engine.submit(Prompt(text='running', id='running', budget_ms=30000), answers)
+    assert backend.started.wait(5)
+    engine.submit(Prompt(text='queued', id='queued', budget_ms=30000), answers)
+    backend.block.set()
+    engine.close('shutting down')
+    engine.submit(Prompt(text='late', id='late'), answers)
+    for request_id in ('running', 'queued', 'late'):
+        (outcome,) = answers.by_id[request_id]
+        assert outcome.status is RequestStatus.INACTIVE
+        assert outcome.status_message == 'shutting down'
+
+
+def test_close_never_frees_the_model_under_a_running_generation(fake_engine, caplog):
+    from nemotron_ros.engine.runtime import Prompt
+
+    engine, backend = fake_engine()
+    answers = _Answers()
+    backend.block = threading.Event()  # a generation that ignores its cancel token
+    engine.submit(Prompt(text='stuck', id='stuck', budget_ms=30000), answers)
+    assert backend.started.wait(5)
+    with caplog.at_level('WARNING'):
+        start = time.monotonic()
+        engine.close('shutting down', timeout_s=0.2)
+        assert time.monotonic() - start < 2.0, 'close returns, it does not hang'
+    assert answers.by_id['stuck'][0].status is RequestStatus.INACTIVE
+    assert 'the model is kept in memory' in caplog.text
+    assert not backend.freed.is_set(), 'freed while the generation still runs'
+    backend.block.set()
+    assert backend.freed.wait(5), 'freed once the generation ended'
+    assert not backend.freed_while_generating
+
+
 # --------------------------------------------------------------------------- real models
 # The same contracts on llama.cpp with a real GGUF file: the tiny random-weight nemotron_h runs
 # llama.cpp's real hybrid code path. No mocks: where a test needs a generation that is still
@@ -524,10 +881,11 @@ def real_scheduler(real_backend):
 
 def _real(tag: str, text: str = 'Bring the red cup to the table.', budget_s: float = 10.0,
           priority: int = 0, kind: RequestKind = RequestKind.TOPIC, max_tokens: int = 16,
-          on_token=None) -> ScheduledRequest:
+          on_token=None, ignore_eos: bool = False) -> ScheduledRequest:
     generation = GenerationRequest(
         messages=[Message('system', 'You are a helpful robot.'), Message('user', text)],
-        constrained=False, sampling=SamplingParams(max_tokens=max_tokens), on_token=on_token)
+        constrained=False, sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos),
+        on_token=on_token)
     return ScheduledRequest(payload=generation, id=tag, budget_s=budget_s, priority=priority,
                             kind=kind)
 
@@ -562,11 +920,13 @@ def test_real_feasible_budget_is_met(real_scheduler):
 
 
 def test_real_deadline_is_enforced_during_generation(real_scheduler):
+    # Admission plans a typical answer (the 32-token prior here), so the budget must fit one;
+    # this answer never ends by itself (ignore_eos), and the budget cuts it.
     _, on_token = _slow_consumer()
-    outcome = real_scheduler.submit(_real('long', LONG_PROMPT, budget_s=0.4, max_tokens=1000,
-                                          on_token=on_token)).result(timeout=10)
+    outcome = real_scheduler.submit(_real('long', LONG_PROMPT, budget_s=2.0, max_tokens=1000,
+                                          on_token=on_token, ignore_eos=True)).result(timeout=10)
     assert outcome.status is RequestStatus.BUDGET_EXCEEDED, outcome.status_message
-    assert outcome.total_s < 0.4 + 0.25
+    assert outcome.total_s < 2.0 + 0.25
     assert outcome.result is None or outcome.result.tool_calls == []
 
 
@@ -651,3 +1011,77 @@ def test_real_shutdown_answers_everyone(real_backend):
     queued = [scheduler.submit(_real(f'q{i}', budget_s=60.0)) for i in range(3)]
     assert scheduler.shutdown(timeout=10.0)
     assert {h.result(timeout=0).status for h in [running, *queued]} == {RequestStatus.INACTIVE}
+
+
+def test_real_budget_cut_answer_reports_usage_by_the_deadline(real_scheduler):
+    # A slow consumer (a feedback publisher) makes each step slower than the learned rate;
+    # the generation is still told to stop early enough that its own cut answer, with usage,
+    # is in hand by the deadline (not a bare BUDGET_EXCEEDED from the watchdog).
+    budget_s = 2.0
+    _, on_token = _slow_consumer()
+    outcome = real_scheduler.submit(_real('cut', LONG_PROMPT, budget_s=budget_s,
+                                          max_tokens=1000, on_token=on_token,
+                                          ignore_eos=True)).result(timeout=10)
+    assert outcome.status is RequestStatus.BUDGET_EXCEEDED, outcome.status_message
+    assert outcome.status_message.startswith('stopped at the deadline after'), \
+        outcome.status_message
+    usage = outcome.result.usage
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.time_to_first_token_s > 0 and usage.prefill_s > 0
+    assert outcome.total_s <= budget_s + 0.05, 'answered by the deadline (generous bound)'
+
+
+def test_real_unload_waits_for_the_running_generation(tmp_path):
+    pytest.importorskip('llama_cpp', reason='llama-cpp-python is not installed')
+    from nemotron_ros.engine.backend import BackendError
+    from nemotron_ros.engine.llama_backend import LlamaBackend, LlamaConfig
+    from nemotron_ros.testing import models
+
+    path = models.tiny_nemotron_h_path(tmp_path)
+    backend = LlamaBackend(LlamaConfig(model_path=str(path), n_ctx=512, n_threads=1),
+                           ToolRegistry())
+    backend.load()
+    streaming = threading.Event()
+    release = threading.Event()
+    results: list[GenerationResult] = []
+
+    def on_token(piece: str) -> None:  # holds the generation between two decode steps
+        streaming.set()
+        release.wait(10)
+
+    generation = threading.Thread(target=lambda: results.append(backend.generate(
+        GenerationRequest(messages=[Message('user', LONG_PROMPT)], constrained=False,
+                          sampling=SamplingParams(max_tokens=8, ignore_eos=True),
+                          on_token=on_token))))
+    generation.start()
+    assert streaming.wait(10)
+    unloader = threading.Thread(target=backend.unload)
+    unloader.start()
+    unloader.join(timeout=0.3)
+    assert unloader.is_alive(), 'unload must wait for the running generation'
+    assert backend.loaded
+    release.set()
+    generation.join(timeout=10)
+    unloader.join(timeout=10)
+    assert not unloader.is_alive() and not backend.loaded
+    assert results[0].usage.completion_tokens == 8, 'the generation finished on live memory'
+    with pytest.raises(BackendError, match='no model is loaded'):
+        backend.count_tokens('after unload')
+
+
+def test_real_count_new_tokens_is_what_generate_evaluates(real_backend):
+    # Admission's count, at the door and at dispatch, is exactly the number of tokens the
+    # backend evaluates: the whole prompt while its prefix is not the cached one, the part
+    # after the prefix once it is.
+    request = GenerationRequest(
+        messages=[Message('system', 'You are a careful robot. ' * 20),
+                  Message('user', 'Bring the red cup to the table.')],
+        constrained=False, sampling=SamplingParams(max_tokens=2))
+    counted = []
+    evaluated = []
+    for _ in range(2):
+        counted.append(real_backend.count_new_tokens(request))
+        usage = real_backend.generate(request).usage
+        evaluated.append(usage.prompt_tokens - usage.prompt_tokens_reused)
+    assert counted == evaluated
+    assert counted[1] < counted[0], 'the second time the prefix is reused'

@@ -7,8 +7,10 @@ torch and the other way round.
 from __future__ import annotations
 
 import abc
+import contextlib
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -70,6 +72,51 @@ class PreparedPrompt:
     grammar: Optional[str]
 
 
+class ModelGuard:
+    """Keeps a loaded model's native memory alive while anything uses it.
+
+    ``generate`` and the token counts run inside :meth:`use` (any number at once, so counting
+    on an intake thread never waits for a generation); :meth:`retire` refuses new uses and
+    waits until the running ones end. ``unload`` retires the guard before it frees anything,
+    so it never frees memory that a prefill chunk or a decode step is still using.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._users = 0
+        self._open = False
+
+    def open(self) -> None:
+        """Allow uses (after a successful load)."""
+        with self._cv:
+            self._open = True
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        """Hold the model for the block; BackendError when it is not loaded or unloading."""
+        with self._cv:
+            if not self._open:
+                raise BackendError('no model is loaded')
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._users -= 1
+                self._cv.notify_all()
+
+    def retire(self, timeout: Optional[float] = None) -> bool:
+        """Refuse new uses and wait for the running ones; False when ``timeout`` passed first."""
+        with self._cv:
+            self._open = False
+            return self._cv.wait_for(lambda: self._users == 0, timeout)
+
+    @property
+    def users(self) -> int:
+        with self._cv:
+            return self._users
+
+
 class Backend(abc.ABC):
     """One loaded model that answers one generation at a time.
 
@@ -84,14 +131,17 @@ class Backend(abc.ABC):
         self.prompt_format: Optional[PromptFormat] = None
         self._prefix_encoding: tuple[str, list[int]] = ('', [])
 
+    def render(self, request: GenerationRequest) -> RenderedPrompt:
+        """The prompt text of ``request`` in this model's format, tools included."""
+        offered = request.tools if request.offered_tools is None else request.offered_tools
+        return self.prompt_format.render(request.messages, self.tools.subset(offered),
+                                         thinking=request.enable_thinking)
+
     def prepare(self, request: GenerationRequest, encode: Callable[[str], list[int]],
                 n_ctx: int) -> PreparedPrompt:
         """Render and tokenize ``request``; RequestError when it cannot fit the context."""
         specs = self.tools.subset(request.tools)
-        offered = specs if request.offered_tools is None else self.tools.subset(
-            request.offered_tools)
-        rendered = self.prompt_format.render(request.messages, offered,
-                                             thinking=request.enable_thinking)
+        rendered = self.render(request)
         prefix = self._encode_prefix(rendered.prefix, encode)
         suffix = encode(rendered.text[len(rendered.prefix):])
         usage = Usage(prompt_tokens=len(prefix) + len(suffix))
@@ -148,7 +198,28 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:
-        """Number of tokens ``text`` encodes to (used by admission control)."""
+        """Number of tokens ``text`` encodes to."""
+
+    def count_new_tokens(self, request: GenerationRequest) -> int:
+        """Tokens ``generate(request)`` would evaluate if it ran now (admission control).
+
+        Renders the prompt as ``generate`` does and counts the part after the fixed prefix;
+        the prefix counts too when it would be evaluated: prefix reuse off, or a prefix other
+        than the one whose model state is kept (:meth:`reuses_prefix`). This is the figure the
+        backend reports as ``prompt_tokens - prompt_tokens_reused``. A backend without a prompt
+        format (a test stand-in) counts the message texts.
+        """
+        if self.prompt_format is None:
+            return self.count_tokens('\n'.join(m.content for m in request.messages))
+        rendered = self.render(request)
+        new = self.count_tokens(rendered.text[len(rendered.prefix):])
+        if self.reuses_prefix(rendered.prefix):
+            return new
+        return new + self.count_tokens(rendered.prefix)
+
+    def reuses_prefix(self, prefix: str) -> bool:
+        """True when a generation whose prompt starts with ``prefix`` skips evaluating it."""
+        return False
 
 
 def create_backend(kind: str, tools: ToolRegistry, options: Mapping[str, Any]) -> Backend:

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
-from .backend import Backend, BackendError, ModelInfo, Stopper
+from . import settings
+from .backend import Backend, BackendError, ModelGuard, ModelInfo, Stopper
 from .llama_context import ContextOptions, DecodeAbortedError, LlamaContext, LlamaLoadError
 from .llama_sampler import GrammarCache, SamplerChain
-from .prompt_format import select_prompt_format
+from .prompt_format import select_prompt_format, vocab_markers
 from .tools import ToolRegistry
 from .types import (
     FinishReason,
@@ -37,35 +38,35 @@ class LlamaConfig:
     """Settings of the llama.cpp backend.
 
     :param n_threads: decode threads; 0 = one less than the CPU count (at least 1).
+    :param n_threads_batch: prompt evaluation threads; 0 = ``n_threads``.
     :param n_gpu_layers: layers offloaded to the GPU (-1 = all).
     :param flash_attn: 'auto', 'on' or 'off'.
     :param prefix_cache: keep the state after system prompt + tools and reuse it.
+
+    The settings the node exposes take their defaults and limits from :mod:`.settings`.
     """
 
     model_path: str
-    n_ctx: int = 4096
-    n_threads: int = 0
+    n_ctx: int = settings.default('n_ctx')
+    n_threads: int = settings.default('n_threads')
     n_threads_batch: int = 0
-    n_gpu_layers: int = 0
-    n_batch: int = 512
-    flash_attn: str = 'auto'
+    n_gpu_layers: int = settings.default('n_gpu_layers')
+    n_batch: int = settings.default('n_batch')
+    flash_attn: str = settings.default('flash_attn')
     use_mmap: bool = True
-    prefix_cache: bool = True
+    prefix_cache: bool = settings.default('prefix_cache')
     verbose: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_path:
             raise ValueError('model_path must name a GGUF file, got an empty string')
-        if self.n_ctx < 64:
-            raise ValueError(f'n_ctx must be >= 64, got {self.n_ctx}')
-        if self.n_threads < 0 or self.n_threads_batch < 0:
-            raise ValueError('n_threads and n_threads_batch must be >= 0 (0 = automatic)')
-        if self.n_gpu_layers < -1:
-            raise ValueError(f'n_gpu_layers must be >= -1, got {self.n_gpu_layers}')
-        if not 1 <= self.n_batch <= self.n_ctx:
-            raise ValueError(f'n_batch must be in [1, n_ctx={self.n_ctx}], got {self.n_batch}')
-        if self.flash_attn not in ('auto', 'on', 'off'):
-            raise ValueError(f"flash_attn must be 'auto', 'on' or 'off', got {self.flash_attn!r}")
+        # The node's parameters: their defaults and limits are the table's (settings.py).
+        for name in ('n_ctx', 'n_threads', 'n_gpu_layers', 'flash_attn', 'prefix_cache'):
+            settings.check(name, getattr(self, name))
+        settings.check_at_most_n_ctx('n_batch', self.n_batch, self.n_ctx)
+        if self.n_threads_batch < 0:
+            raise ValueError(f'n_threads_batch must be >= 0 (0 = n_threads), '
+                             f'got {self.n_threads_batch}')
 
     def context_options(self) -> ContextOptions:
         threads = self.n_threads or max(1, (os.cpu_count() or 2) - 1)
@@ -78,11 +79,17 @@ class LlamaConfig:
 
 
 class LlamaBackend(Backend):
-    """GGUF models through llama.cpp; see the module docstring for the prefix reuse."""
+    """GGUF models through llama.cpp; see the module docstring for the prefix reuse.
+
+    Thread-safe for one ``generate`` at a time plus any number of token counts; ``unload``
+    waits for both to end before it frees the model (prefill chunks on a GPU and decode steps
+    cannot be aborted half-way).
+    """
 
     def __init__(self, config: LlamaConfig, tools: ToolRegistry) -> None:
         super().__init__(tools)
         self.config = config
+        self._guard = ModelGuard()
         self._llm: Optional[LlamaContext] = None
         self._grammars: Optional[GrammarCache] = None
         self._prefix_tokens: list[int] = []
@@ -100,7 +107,8 @@ class LlamaBackend(Backend):
         try:
             self.prompt_format = select_prompt_format(
                 {'general.architecture': arch, 'tokenizer.chat_template': llm.chat_template()},
-                bos_token=llm.token_text(llm.bos), eos_token=llm.token_text(llm.eos))
+                bos_token=llm.token_text(llm.bos), eos_token=llm.token_text(llm.eos),
+                special_tokens=vocab_markers(*llm.special_token_texts()))
         except ValueError as exc:
             llm.close()
             raise BackendError(f'{self.config.model_path}: {exc}') from exc
@@ -110,9 +118,12 @@ class LlamaBackend(Backend):
         self.info = ModelInfo(
             path=self.config.model_path, architecture=arch, chat_format=self.prompt_format.name,
             n_ctx=llm.n_ctx, n_vocab=llm.n_vocab, recurrent=llm.recurrent)
+        self._guard.open()
         return self.info
 
     def unload(self) -> None:
+        """Free the model once no generation or count uses it any more (waits for them)."""
+        self._guard.retire()
         if self._grammars is not None:
             self._grammars.close()
             self._grammars = None
@@ -126,7 +137,18 @@ class LlamaBackend(Backend):
         return self._llm is not None
 
     def count_tokens(self, text: str) -> int:
-        return len(self._require().tokenize(text))
+        with self._guard.use():
+            return len(self._require().tokenize(text))
+
+    def count_new_tokens(self, request: GenerationRequest) -> int:
+        with self._guard.use():
+            return super().count_new_tokens(request)
+
+    def reuses_prefix(self, prefix: str) -> bool:
+        cached_text, tokens = self._prefix_encoding
+        kept = self._prefix_tokens
+        return bool(self.config.prefix_cache and kept and prefix == cached_text
+                    and tokens == kept)
 
     def _require(self) -> LlamaContext:
         if self._llm is None:
@@ -135,7 +157,10 @@ class LlamaBackend(Backend):
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        llm = self._require()
+        with self._guard.use():
+            return self._generate(self._require(), request)
+
+    def _generate(self, llm: LlamaContext, request: GenerationRequest) -> GenerationResult:
         started = time.monotonic()
         prepared = self.prepare(request, llm.tokenize, llm.n_ctx)
         usage = prepared.usage

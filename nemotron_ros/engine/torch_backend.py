@@ -35,16 +35,17 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .backend import Backend, BackendError, ModelInfo, Stopper
-from .prompt_format import select_prompt_format
+from . import settings
+from .backend import Backend, BackendError, ModelGuard, ModelInfo, Stopper
+from .prompt_format import select_prompt_format, vocab_markers
 from .tools import ToolRegistry
-from .torch_checkpoint import FP8_MODES, CheckpointError, load_checkpoint
+from .torch_checkpoint import CheckpointError, load_checkpoint
 from .torch_sampling import Sampler
 from .types import FinishReason, GenerationRequest, GenerationResult, Usage
 from .xgrammar_constraint import GrammarBackend, RequestGrammar
@@ -74,36 +75,26 @@ class TorchConfig:
     """
 
     model_path: str
-    device: str = 'auto'
+    device: str = settings.default('device')
     dtype: str = 'auto'
-    fp8: str = 'auto'
-    n_ctx: int = 4096
-    n_threads: int = 0
+    fp8: str = settings.default('fp8')
+    n_ctx: int = settings.default('n_ctx')
+    n_threads: int = settings.default('n_threads')
     prefill_chunk: int = 256
-    prefix_cache: bool = True
+    prefix_cache: bool = settings.default('prefix_cache')
 
     def __post_init__(self) -> None:
-        for item in fields(self):
-            expected = {'str': str, 'int': int, 'bool': bool}[str(item.type)]
-            value = getattr(self, item.name)
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ValueError(f'{item.name} must be a {expected.__name__}, got {value!r}')
-        if not self.model_path:
-            raise ValueError('model_path must name a checkpoint directory, got an empty string')
-        if self.dtype not in DTYPES:
+        if not isinstance(self.model_path, str) or not self.model_path:
+            raise ValueError('model_path must name a checkpoint directory, got '
+                             f'{self.model_path!r}')
+        # The node's parameters: types, defaults and limits are the table's (settings.py).
+        for name in ('device', 'fp8', 'n_ctx', 'n_threads', 'prefix_cache'):
+            settings.check(name, getattr(self, name))
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ValueError(f'dtype must be one of {", ".join(DTYPES)}; got {self.dtype!r}')
-        if self.fp8 not in FP8_MODES:
-            raise ValueError(f'fp8 must be one of {", ".join(FP8_MODES)}; got {self.fp8!r}')
-        if self.device not in ('auto', 'cpu', 'cuda') and not (
-                self.device.startswith('cuda:') and self.device[5:].isdigit()):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; "
-                             f'got {self.device!r}')
-        if self.n_ctx < 64:
-            raise ValueError(f'n_ctx must be >= 64, got {self.n_ctx}')
-        if self.n_threads < 0:
-            raise ValueError(f'n_threads must be >= 0 (0 = automatic), got {self.n_threads}')
-        if self.prefill_chunk < 1:
-            raise ValueError(f'prefill_chunk must be >= 1, got {self.prefill_chunk}')
+        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) \
+                or self.prefill_chunk < 1:
+            raise ValueError(f'prefill_chunk must be an integer >= 1, got {self.prefill_chunk!r}')
 
     def torch_device(self) -> torch.device:
         if self.device == 'auto':
@@ -134,6 +125,7 @@ class TorchBackend(Backend):
     def __init__(self, config: TorchConfig, tools: ToolRegistry) -> None:
         super().__init__(tools)
         self.config = config
+        self._guard = ModelGuard()
         self._state: Optional[_Loaded] = None
         self._prefix: Optional[tuple[list[int], Any]] = None
         self.info: Optional[ModelInfo] = None
@@ -156,7 +148,9 @@ class TorchBackend(Backend):
             self.prompt_format = select_prompt_format(
                 {'general.architecture': config.model_type,
                  'tokenizer.chat_template': getattr(tokenizer, 'chat_template', None) or ''},
-                bos_token=tokenizer.bos_token or '', eos_token=tokenizer.eos_token or '')
+                bos_token=tokenizer.bos_token or '', eos_token=tokenizer.eos_token or '',
+                special_tokens=vocab_markers(tokenizer.all_special_tokens,
+                                             tokenizer.get_added_vocab()))
             n_vocab = int(config.vocab_size)
             stop_ids = _stop_ids(tokenizer, config, path)
             grammars = GrammarBackend(tokenizer, n_vocab, sorted(stop_ids),
@@ -174,9 +168,12 @@ class TorchBackend(Backend):
         self.info = ModelInfo(path=str(path), architecture=config.model_type,
                               chat_format=self.prompt_format.name, n_ctx=self.config.n_ctx,
                               n_vocab=n_vocab, recurrent=recurrent)
+        self._guard.open()
         return self.info
 
     def unload(self) -> None:
+        """Free the model once no generation or count uses it any more (waits for them)."""
+        self._guard.retire()
         on_cuda = self._state is not None and self._state.device.type == 'cuda'
         self._state = None
         self._prefix = None
@@ -199,7 +196,18 @@ class TorchBackend(Backend):
         return self._require().model
 
     def count_tokens(self, text: str) -> int:
-        return len(self._encode(text))
+        with self._guard.use():
+            return len(self._encode(text))
+
+    def count_new_tokens(self, request: GenerationRequest) -> int:
+        with self._guard.use():
+            return super().count_new_tokens(request)
+
+    def reuses_prefix(self, prefix: str) -> bool:
+        cached_text, tokens = self._prefix_encoding
+        kept = self._prefix
+        return bool(self.config.prefix_cache and prefix and kept is not None
+                    and prefix == cached_text and tokens == kept[0])
 
     def _require(self) -> _Loaded:
         if self._state is None:
@@ -211,7 +219,10 @@ class TorchBackend(Backend):
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        state = self._require()
+        with self._guard.use():
+            return self._generate(self._require(), request)
+
+    def _generate(self, state: _Loaded, request: GenerationRequest) -> GenerationResult:
         started = time.monotonic()
         prepared = self.prepare(request, self._encode, self.config.n_ctx)
         usage = prepared.usage
