@@ -226,3 +226,15 @@ def test_missing_or_corrupt_model_gives_a_clear_error(tmp_path: Path, content, m
         backend.load()
     assert str(path) in str(info.value)
     assert not backend.loaded
+
+
+def test_a_canceled_load_stops_while_reading_the_model(model_dir: Path) -> None:
+    path = str(tiny_nemotron_h_path(model_dir))
+    cancel = CancelToken()
+    cancel.cancel()
+    backend = LlamaBackend(LlamaConfig(model_path=path, n_threads=1), TOOLS)
+    with pytest.raises(BackendError, match='aborted') as info:
+        backend.load(cancel)
+    assert path in str(info.value) and not backend.loaded
+    assert backend.load(CancelToken()).path == path  # a later load is unaffected
+    backend.unload()

@@ -65,7 +65,7 @@ class SleepBackend(Backend):
         self._running = 0
         self._cv = threading.Condition()
 
-    def load(self) -> ModelInfo:
+    def load(self, cancel=None) -> ModelInfo:
         return ModelInfo('sleep', 'sleep', 'none', 4096, 100, False)
 
     def unload(self) -> None:
@@ -633,7 +633,7 @@ class EngineFakeBackend(Backend):
         self.started = threading.Event()
         self.count_error: Optional[Exception] = None
 
-    def load(self) -> ModelInfo:
+    def load(self, cancel=None) -> ModelInfo:
         self.guard.open()
         return ModelInfo('fake', 'fake', 'none', 4096, 100, False)
 

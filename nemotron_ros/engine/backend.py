@@ -18,7 +18,14 @@ from .grammar import build_grammar
 from .prompt_format import PromptFormat, RenderedPrompt
 from .tool_parser import parse_output, validate_calls
 from .tools import ToolRegistry, ToolSpec
-from .types import FinishReason, GenerationRequest, GenerationResult, ToolChoice, Usage
+from .types import (
+    CancelToken,
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    ToolChoice,
+    Usage,
+)
 
 
 class BackendError(RuntimeError):
@@ -180,8 +187,12 @@ class Backend(abc.ABC):
         return result
 
     @abc.abstractmethod
-    def load(self) -> ModelInfo:
-        """Load the model; raises BackendError with the path and the reason on failure."""
+    def load(self, cancel: Optional[CancelToken] = None) -> ModelInfo:
+        """Load the model; raises BackendError with the path and the reason on failure.
+
+        :param cancel: aborts the load (BackendError) where the runtime can be interrupted:
+            llama.cpp checks it while reading tensors; torch between loading steps.
+        """
 
     @abc.abstractmethod
     def unload(self) -> None:

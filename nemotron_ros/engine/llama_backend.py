@@ -23,6 +23,7 @@ from .llama_sampler import GrammarCache, SamplerChain
 from .prompt_format import select_prompt_format, vocab_markers
 from .tools import ToolRegistry
 from .types import (
+    CancelToken,
     FinishReason,
     GenerationRequest,
     GenerationResult,
@@ -96,11 +97,12 @@ class LlamaBackend(Backend):
         self.info: Optional[ModelInfo] = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def load(self) -> ModelInfo:
+    def load(self, cancel: Optional[CancelToken] = None) -> ModelInfo:
         if self._llm is not None:
             return self.info
+        aborted = None if cancel is None else (lambda: cancel.cancelled)
         try:
-            llm = LlamaContext(self.config.model_path, self.config.context_options())
+            llm = LlamaContext(self.config.model_path, self.config.context_options(), aborted)
         except LlamaLoadError as exc:
             raise BackendError(str(exc)) from exc
         arch = llm.metadata('general.architecture') or 'unknown'

@@ -64,7 +64,13 @@ def _check_gguf_header(path: str) -> None:
 class LlamaContext:
     """One llama.cpp model and context, used from one thread at a time."""
 
-    def __init__(self, model_path: str, options: ContextOptions) -> None:
+    def __init__(self, model_path: str, options: ContextOptions,
+                 aborted: Optional[Callable[[], bool]] = None) -> None:
+        """Load the model and create its context.
+
+        :param aborted: polled while llama.cpp reads the tensors; True stops the load
+            (LlamaLoadError), so a shutdown need not wait for a multi-GB model to load.
+        """
         _check_gguf_header(model_path)
         self.path = model_path
         self.options = options
@@ -74,7 +80,7 @@ class LlamaContext:
         llama_logger.set_verbose(options.verbose)
         llama_cpp.llama_backend_init()
         try:
-            self._load(options)
+            self._load(options, aborted)
         except BaseException:
             self._stack.close()
             raise
@@ -83,11 +89,18 @@ class LlamaContext:
         self._stack.callback(llama_cpp.llama_batch_free, self._batch)
         self._piece_buf = ctypes.create_string_buffer(256)
 
-    def _load(self, options: ContextOptions) -> None:
+    def _load(self, options: ContextOptions, aborted: Optional[Callable[[], bool]]) -> None:
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers
         mparams.use_mmap = options.use_mmap
+        if aborted is not None:
+            # Kept on self: ctypes must not free the trampoline while llama.cpp may call it.
+            self._progress_cb = llama_cpp.llama_progress_callback(
+                lambda _progress, _data: not aborted())
+            mparams.progress_callback = self._progress_cb
         model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
+        if not model and aborted is not None and aborted():
+            raise LlamaLoadError(f'loading {self.path} was aborted')
         if not model:
             raise LlamaLoadError(
                 f'llama.cpp could not load {self.path}: corrupt file, unsupported architecture '

@@ -161,7 +161,7 @@ class Engine:
         step(f'loading {model_path}')
         try:
             backend = create_backend(config.backend, tools, config.backend_options(model_path))
-            info = backend.load()
+            info = backend.load(cancel)
         except (BackendError, ValueError, ImportError) as exc:
             raise EngineLoadError(f'{config.backend} backend: {exc}') from None
         scheduler = Scheduler(backend, SchedulerConfig(

@@ -47,7 +47,7 @@ from .prompt_format import select_prompt_format, vocab_markers
 from .tools import ToolRegistry
 from .torch_checkpoint import CheckpointError, load_checkpoint
 from .torch_sampling import Sampler
-from .types import FinishReason, GenerationRequest, GenerationResult, Usage
+from .types import CancelToken, FinishReason, GenerationRequest, GenerationResult, Usage
 from .xgrammar_constraint import GrammarBackend, RequestGrammar
 
 DTYPES = {'auto': torch.bfloat16, 'bfloat16': torch.bfloat16, 'float16': torch.float16,
@@ -131,7 +131,7 @@ class TorchBackend(Backend):
         self.info: Optional[ModelInfo] = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def load(self) -> ModelInfo:
+    def load(self, cancel: Optional[CancelToken] = None) -> ModelInfo:
         if self._state is not None:
             return self.info
         path = Path(self.config.model_path)
@@ -143,6 +143,8 @@ class TorchBackend(Backend):
             torch.set_num_threads(self.config.n_threads or max(1, (os.cpu_count() or 2) - 1))
         try:
             loaded = load_checkpoint(path, device, self.config.torch_dtype(), self.config.fp8)
+            if cancel is not None and cancel.cancelled:
+                raise BackendError(f'loading {path} was aborted')
             tokenizer = _load_tokenizer(path)
             config = loaded.config
             self.prompt_format = select_prompt_format(
