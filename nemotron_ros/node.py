@@ -393,19 +393,19 @@ class NemotronNode(LifecycleNode):
             self._track(-1)
         feedback.close()
         result = Execute.Result(action=self._action_for(outcome))
-        self._end_goal(goal_handle, outcome)
+        self._end_goal(goal_handle, result.action.status)
         return result
 
-    def _end_goal(self, goal_handle, outcome: Outcome) -> None:
-        """Move the goal to its terminal state: succeeded, canceled or aborted."""
-        if outcome.status is RequestStatus.CANCELED:
+    def _end_goal(self, goal_handle, status: int) -> None:
+        """Move the goal to the terminal state that matches the answer's ``status``."""
+        if status == Action.STATUS_CANCELED:
             # The engine only cancels after the cancel was accepted; the action server marks
             # the goal CANCELING right after our callback returns, which may be a moment later.
             end = time.monotonic() + 1.0
             while not goal_handle.is_cancel_requested and time.monotonic() < end:
                 time.sleep(0.001)
         try:
-            if outcome.status is RequestStatus.OK:
+            if status == Action.STATUS_OK:
                 goal_handle.succeed()
             elif goal_handle.is_cancel_requested:
                 goal_handle.canceled()
