@@ -21,8 +21,12 @@ def _ms(seconds: float) -> float:
     return float(seconds) * 1000.0 if math.isfinite(seconds) else 0.0
 
 
-def outcome_to_action(outcome: Outcome, stamp: Time) -> Action:
-    """The Action message for one outcome (status values are shared with msg/Action)."""
+def outcome_to_action(outcome: Outcome, stamp: Time, step: int = 0, final: bool = True) -> Action:
+    """The Action message for one outcome (status values are shared with msg/Action).
+
+    :param step: index of the task step this outcome answers.
+    :param final: whether it is the request's last Action.
+    """
     msg = Action()
     msg.header.stamp = stamp
     msg.request_id = outcome.request_id
@@ -30,13 +34,16 @@ def outcome_to_action(outcome: Outcome, stamp: Time) -> Action:
     msg.status_message = outcome.status_message
     msg.queue_ms = _ms(outcome.queue_s)
     msg.total_ms = _ms(outcome.total_s)
+    msg.step = step
+    msg.final = final
     result = outcome.result
     if result is None:
         return msg
     msg.text = result.text if outcome.ok else ''
     msg.reasoning = result.reasoning
     if outcome.ok:
-        msg.tool_calls = [ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
+        msg.tool_calls = [ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json,
+                                   request_id=outcome.request_id)
                           for c in result.tool_calls]
     usage = result.usage
     msg.time_to_first_token_ms = _ms(usage.time_to_first_token_s)
