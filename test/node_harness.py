@@ -22,7 +22,6 @@ from action_msgs.srv import CancelGoal
 from conftest import spin_until, wait_for
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.srv import ChangeState, GetState
-from rcl_interfaces.msg import Log
 from rclpy.action import ActionClient
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -224,7 +223,11 @@ class ExecuteCaller:
 
     def __init__(self, ros) -> None:
         self.node, self.executor = ros.private_node(f'execute_caller_{uuid.uuid4().hex[:6]}')
-        self.client = ActionClient(self.node, Execute, 'execute')
+        # Deep service readers: 20 results answered at once must not overwrite each other.
+        self.client = ActionClient(self.node, Execute, 'execute',
+                                   goal_service_qos_profile=DEEP_QOS,
+                                   result_service_qos_profile=DEEP_QOS,
+                                   cancel_service_qos_profile=DEEP_QOS)
         self.feedback: dict[bytes, list[tuple[int, Execute.Feedback]]] = defaultdict(list)
         #: goal -> (source timestamp of its first terminal status, that status)
         self.terminal: dict[bytes, tuple[int, int]] = {}
@@ -256,6 +259,12 @@ class ExecuteCaller:
     def ready(self, timeout: float = 10.0) -> bool:
         return self.client.wait_for_server(timeout_sec=timeout) and \
             self._cancel.wait_for_service(timeout_sec=timeout)
+
+    def graph(self) -> str:
+        """What this caller's node sees of the action, for a failure message."""
+        return (f'server ready {self.client.server_is_ready()}, cancel service ready '
+                f'{self._cancel.service_is_ready()}, graph services '
+                f'{[n for n, _ in self.node.get_service_names_and_types() if "execute" in n]}')
 
     def send(self, goal: Execute.Goal, goal_id: Optional[UUID] = None):
         """Send ``goal``; a future of its ClientGoalHandle (spin to complete it)."""
@@ -289,21 +298,23 @@ class ExecuteCaller:
         return [fb for stamp, fb in self.feedback.get(key, []) if stamp > ended]
 
 
-class RosoutLog:
-    """What nodes logged, read from /rosout (as ``ros2 topic echo /rosout`` would)."""
+class ConsoleLog:
+    """What nodes in this process logged to the console, read through pytest's ``capfd``.
 
-    def __init__(self, ros) -> None:
-        self.records: list[Log] = []
-        self.node = ros.node(f'rosout_reader_{uuid.uuid4().hex[:6]}')
-        self.node.create_subscription(
-            Log, '/rosout', self.records.append,
-            QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000,
-                       reliability=ReliabilityPolicy.RELIABLE,
-                       durability=DurabilityPolicy.TRANSIENT_LOCAL))
+    rcutils writes log lines to file descriptor 2, so ``capfd`` sees them exactly as an
+    operator would. (/rosout is no help in-process: rcl maps logger names to rosout publishers
+    per process, and a second node named ``nemotron`` in a later test's context stays silent.)
+    """
 
-    def messages(self, logger: str, level: int = Log.ERROR) -> list[str]:
-        """Messages of ``logger`` at ``level`` or above."""
-        return [r.msg for r in list(self.records) if r.name == logger and r.level >= level]
+    def __init__(self, capfd) -> None:
+        self._capfd = capfd
+        self._text = ''
+
+    def lines(self, *needles: str) -> list[str]:
+        """Lines so far that hold every one of ``needles``."""
+        captured = self._capfd.readouterr()
+        self._text += captured.err + captured.out
+        return [line for line in self._text.splitlines() if all(n in line for n in needles)]
 
 
 class LifecycleClient:
