@@ -8,6 +8,7 @@ from builtin_interfaces.msg import Time
 
 from .engine.json_input import loads_bounded
 from .engine.scheduler import Outcome
+from .engine.tasks import StepOutcome, TaskCall
 from .engine.world_state import Observation, Pose
 from .msg import Action, ToolCall
 from .msg import Observation as ObservationMsg
@@ -51,6 +52,21 @@ def outcome_to_action(outcome: Outcome, stamp: Time, step: int = 0, final: bool 
     msg.prompt_tokens_reused = usage.prompt_tokens_reused
     msg.completion_tokens = usage.completion_tokens
     msg.tokens_per_second = float(usage.tokens_per_second)
+    return msg
+
+
+def task_call_to_msg(call: TaskCall) -> ToolCall:
+    """The ToolCall message for one validated call of a task step."""
+    return ToolCall(id=call.call_id, name=call.name, arguments_json=call.arguments_json,
+                    request_id=call.request_id,
+                    requires_confirmation=call.requires_confirmation)
+
+
+def step_to_action(step: StepOutcome, stamp: Time) -> Action:
+    """The Action for one task step: its outcome, index, finality and calls (held ones flagged)."""
+    msg = outcome_to_action(step.outcome, stamp, step.step, step.final)
+    if step.outcome.ok:
+        msg.tool_calls = [task_call_to_msg(c) for c in step.calls]
     return msg
 
 

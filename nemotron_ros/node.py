@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import rclpy
@@ -55,12 +55,21 @@ from std_msgs.msg import String
 
 from . import parameters
 from .action import Execute
-from .conversions import observation_from_msg, outcome_to_action
+from .conversions import observation_from_msg, step_to_action, task_call_to_msg
+from .engine.config import TaskConfig
 from .engine.runtime import Engine, EngineLoadError, Prompt, new_request_id
 from .engine.scheduler import Outcome, RequestKind, RequestStatus
+from .engine.tasks import (
+    ResultDisposition,
+    StepOutcome,
+    TaskCall,
+    TaskListener,
+    TaskManager,
+    TaskState,
+)
 from .intake import Intake
-from .msg import Action, Command, Observation, ToolCall
-from .srv import Plan
+from .msg import Action, Command, Observation, ToolCall, ToolResult
+from .srv import Confirm, Plan
 
 #: Answers must not be lost: reliable, and deep enough for bursts.
 COMMAND_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000,
@@ -71,7 +80,15 @@ FEEDBACK_PERIOD_S = 0.05
 SHUTDOWN_DELIVERY_S = 4.0
 SHUTTING_DOWN = 'node is shutting down'
 
-OutcomeSink = Callable[[Outcome], None]
+
+@dataclass(frozen=True)
+class _Request:
+    """One request on its way from a DDS callback to the task manager (see ``Intake``)."""
+
+    prompt: Prompt
+    max_steps: int
+    listener: TaskListener
+    publish_final_calls: bool
 
 
 def request_qos(depth: int) -> QoSProfile:
@@ -96,6 +113,7 @@ class NemotronNode(LifecycleNode):
         parameters.declare(self)
         request_depth, observation_depth = parameters.qos_depths(self)
         self._engine = Engine(clock=self._now_s)
+        self._tasks = TaskManager(self._engine, TaskConfig())
         self._counts: Counter = Counter()
         self._stopping = False
         self._in_flight = 0
@@ -105,7 +123,7 @@ class NemotronNode(LifecycleNode):
         self._pending_cancels: set[bytes] = set()
         self._canceled_ids: set[str] = set()
         self._goal_lock = threading.Lock()
-        self._intake: Intake[tuple[Prompt, OutcomeSink]] = Intake(
+        self._intake: Intake[_Request] = Intake(
             self._submit_now, self._submit_failed, capacity=request_depth,
             name='nemotron-intake')
 
@@ -114,6 +132,8 @@ class NemotronNode(LifecycleNode):
         in_qos = request_qos(request_depth)
         self._actions_pub = self.create_publisher(Action, 'actions', COMMAND_QOS)
         self._tool_calls_pub = self.create_publisher(ToolCall, 'tool_calls', COMMAND_QOS)
+        self._pending_pub = self.create_publisher(ToolCall, 'confirmations_pending',
+                                                  COMMAND_QOS)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self.create_subscription(Command, 'command', self._on_command, in_qos,
                                  callback_group=requests)
@@ -121,7 +141,11 @@ class NemotronNode(LifecycleNode):
                                  callback_group=requests)
         self.create_subscription(Observation, 'observations', self._on_observation,
                                  observation_qos(observation_depth), callback_group=perception)
+        self.create_subscription(ToolResult, 'tool_results', self._on_tool_result, in_qos,
+                                 callback_group=requests)
         self.create_service(Plan, 'plan', self._on_plan, qos_profile=in_qos,
+                            callback_group=requests)
+        self.create_service(Confirm, 'confirm', self._on_confirm, qos_profile=in_qos,
                             callback_group=requests)
         self._execute_server = ActionServer(
             self, Execute, 'execute', execute_callback=self._on_execute,
@@ -179,6 +203,7 @@ class NemotronNode(LifecycleNode):
         try:
             config = parameters.engine_config(self)
             info = self._engine.load(config)
+            self._tasks.configure(config.task_config())
         except (ValueError, EngineLoadError) as exc:
             self.get_logger().error(f'configure failed: {exc}')
             return TransitionCallbackReturn.FAILURE
@@ -196,20 +221,28 @@ class NemotronNode(LifecycleNode):
         return super().on_activate(state)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._engine.set_active(False)
+        self._stop_serving('node was deactivated')
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._engine.close('node was cleaned up')
+        self._stop_serving('node was cleaned up', unload=True)
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._engine.close('node was shut down')
+        self._stop_serving('node was shut down', unload=True)
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._engine.close('node is in error processing')
+        self._stop_serving('node is in error processing', unload=True)
         return TransitionCallbackReturn.SUCCESS
+
+    def _stop_serving(self, reason: str, unload: bool = False) -> None:
+        """Answer every task INACTIVE (held calls withdrawn), then stop or free the engine."""
+        self._tasks.stop_all(RequestStatus.INACTIVE, reason)
+        if unload:
+            self._engine.close(reason)
+        else:
+            self._engine.set_active(False, reason)
 
     def request_stop(self) -> None:
         """Begin shutting down (signal-safe): new requests and a model load are refused."""
@@ -219,8 +252,9 @@ class NemotronNode(LifecycleNode):
     def close(self, reason: str = SHUTTING_DOWN) -> None:
         """Answer everything INACTIVE and free the model (process exit). Idempotent."""
         self.request_stop()
-        self._engine.close(reason)
+        self._stop_serving(reason, unload=True)
         self._intake.close()
+        self._tasks.close()
 
     def shutdown_gracefully(self, executor: MultiThreadedExecutor,
                             timeout: float = SHUTDOWN_DELIVERY_S) -> bool:
@@ -247,49 +281,51 @@ class NemotronNode(LifecycleNode):
         return delivered
 
     # -- requests: intake -----------------------------------------------------------------
-    def _enqueue(self, prompt: Prompt, sink: OutcomeSink) -> None:
+    def _enqueue(self, request: _Request) -> None:
         """Hand a request to the intake thread (O(1)); answer at once when it is full."""
-        if self._intake.put((prompt, sink)):
+        if self._intake.put(request):
             return
         status, message = (RequestStatus.INACTIVE, SHUTTING_DOWN) if self._stopping else (
             RequestStatus.REJECTED_BUSY, f'request intake full ({len(self._intake)} waiting)')
-        sink(_outcome(prompt.id, status, message, prompt.arrival))
+        request.listener.step(_final(request.prompt, status, message))
 
-    def _submit_now(self, item: tuple[Prompt, OutcomeSink]) -> None:
-        prompt, sink = item
+    def _submit_now(self, request: _Request) -> None:
+        prompt = request.prompt
         if self._stopping:
-            sink(_outcome(prompt.id, RequestStatus.INACTIVE, SHUTTING_DOWN, prompt.arrival))
+            request.listener.step(_final(prompt, RequestStatus.INACTIVE, SHUTTING_DOWN))
             return
         if self._take_cancel(prompt.id):
-            sink(_outcome(prompt.id, RequestStatus.CANCELED, 'canceled by the caller',
-                          prompt.arrival))
+            request.listener.step(_final(prompt, RequestStatus.CANCELED,
+                                         'canceled by the caller'))
             return
-        self._engine.submit(prompt, sink)
+        self._tasks.start(prompt, request.max_steps, request.listener,
+                          publish_final_calls=request.publish_final_calls)
         if self._take_cancel(prompt.id):
-            self._engine.cancel(prompt.id)
+            self._tasks.cancel(prompt.id)
 
-    def _submit_failed(self, item: tuple[Prompt, OutcomeSink], exc: BaseException) -> None:
-        prompt, sink = item
+    def _submit_failed(self, request: _Request, exc: BaseException) -> None:
         self.count_error('submit', exc)
-        sink(_outcome(prompt.id, RequestStatus.ERROR,
-                      f'could not submit the request: {type(exc).__name__}: {exc}',
-                      prompt.arrival))
+        request.listener.step(_final(
+            request.prompt, RequestStatus.ERROR,
+            f'could not submit the request: {type(exc).__name__}: {exc}'))
 
     # -- topics ---------------------------------------------------------------------------
     def _on_command(self, msg: Command) -> None:
         request_id = msg.id or new_request_id()
         try:
-            self._enqueue(Prompt(text=msg.text, id=request_id,
-                                 budget_ms=msg.latency_budget_ms, priority=msg.priority,
-                                 arrival=time.monotonic()), self._publish_outcome)
+            self._enqueue(_Request(
+                Prompt(text=msg.text, id=request_id, budget_ms=msg.latency_budget_ms,
+                       priority=msg.priority, arrival=time.monotonic()),
+                msg.max_steps, _TopicListener(self), publish_final_calls=True))
         except Exception as exc:
             self._answer_failure(request_id, 'command', exc)
 
     def _on_command_text(self, msg: String) -> None:
         request_id = new_request_id()
         try:
-            self._enqueue(Prompt(text=msg.data, id=request_id, arrival=time.monotonic()),
-                          self._publish_outcome)
+            self._enqueue(_Request(Prompt(text=msg.data, id=request_id,
+                                          arrival=time.monotonic()),
+                                   0, _TopicListener(self), publish_final_calls=True))
         except Exception as exc:
             self._answer_failure(request_id, 'command_text', exc)
 
@@ -306,56 +342,105 @@ class NemotronNode(LifecycleNode):
             self._counts['observations_dropped'] += 1
             self.count_error('observations', exc)
 
-    def _publish_outcome(self, outcome: Outcome) -> None:
-        """Publish one answer on ``actions`` (and its calls on ``tool_calls``)."""
-        action = self._action_for(outcome)
+    def _on_tool_result(self, msg: ToolResult) -> None:
+        """An executor's result: O(1) here; the next step is submitted by the task manager."""
+        try:
+            disposition = self._tasks.tool_result(msg.request_id, msg.call_id, msg.name,
+                                                  msg.success, msg.content_json)
+        except Exception as exc:
+            self.count_error('tool_results', exc)
+            return
+        if disposition is not ResultDisposition.ACCEPTED:
+            self.get_logger().warning(
+                f'tool result {msg.request_id[:40]!r}/{msg.call_id[:40]!r} dropped: '
+                f'{disposition.value}', throttle_duration_sec=5.0)
+
+    def _publish_step(self, step: StepOutcome) -> None:
+        """Publish one step's Action on ``actions`` (its calls go out through ``release``)."""
+        self._publish_action(self._action_for(step))
+
+    def _publish_action(self, action: Action) -> None:
         try:
             self._actions_pub.publish(action)
-            for call in action.tool_calls:
-                self._tool_calls_pub.publish(call)
         except Exception as exc:  # e.g. the context is already gone at process exit
+            self.count_error('publish', exc)
+
+    def _release(self, call: TaskCall) -> None:
+        """A call that needs no confirmation, or an approved one, goes to the executors."""
+        try:
+            self._tool_calls_pub.publish(task_call_to_msg(call))
+        except Exception as exc:
+            self.count_error('publish', exc)
+
+    def _announce(self, call: TaskCall) -> None:
+        """A held call is shown to operators; it reaches ``tool_calls`` only when approved."""
+        try:
+            self._pending_pub.publish(task_call_to_msg(call))
+        except Exception as exc:
             self.count_error('publish', exc)
 
     def _answer_failure(self, request_id: str, where: str, exc: BaseException) -> None:
         self.count_error(where, exc)
-        self._publish_outcome(_outcome(request_id, RequestStatus.ERROR,
-                                       f'could not handle the request: '
-                                       f'{type(exc).__name__}: {exc}'))
+        self._publish_action(self._action_for(StepOutcome(
+            _outcome(request_id, RequestStatus.ERROR,
+                     f'could not handle the request: {type(exc).__name__}: {exc}'), 0, True)))
 
-    def _action_for(self, outcome: Outcome) -> Action:
-        """The Action for ``outcome``; an ERROR Action when the conversion itself fails."""
+    def _action_for(self, step: StepOutcome) -> Action:
+        """The Action for ``step``; an ERROR Action when the conversion itself fails."""
         stamp = self.get_clock().now().to_msg()
         try:
-            return outcome_to_action(outcome, stamp)
+            return step_to_action(step, stamp)
         except Exception as exc:
             self.count_error('answer', exc)
-            action = Action(request_id=str(outcome.request_id), status=Action.STATUS_ERROR,
+            action = Action(request_id=str(step.outcome.request_id),
+                            status=Action.STATUS_ERROR, step=step.step, final=step.final,
                             status_message=f'could not build the answer '
                             f'({type(exc).__name__}: {exc})')
             action.header.stamp = stamp
             return action
 
     # -- service and action ---------------------------------------------------------------
-    def _submit_async(self, prompt: Prompt) -> Future:
-        """Submit ``prompt``; the future completes (and wakes the executor) with its outcome."""
+    def _submit_async(self, prompt: Prompt, max_steps: int,
+                      feedback: Optional[_FeedbackStream] = None) -> Future:
+        """Start a task; the future completes (and wakes the executor) with (final, steps)."""
         future = Future(executor=self.executor)
         future.add_done_callback(lambda _f: None)
-        self._enqueue(prompt, future.set_result)
+        self._enqueue(_Request(prompt, max_steps, _CallerListener(self, future, feedback),
+                               publish_final_calls=False))
         return future
 
     async def _on_plan(self, request: Plan.Request, response: Plan.Response) -> Plan.Response:
         request_id = new_request_id()
         self._track(1)
         try:
-            outcome = await self._submit_async(
-                _prompt_from_goal(request, RequestKind.SERVICE, request_id))
+            response.action, response.steps = await self._submit_async(
+                _prompt_from_goal(request, RequestKind.SERVICE, request_id),
+                request.max_steps)
         except Exception as exc:
-            self.count_error('plan', exc)
-            outcome = _outcome(request_id, RequestStatus.ERROR,
-                               f'could not handle the request: {type(exc).__name__}: {exc}')
+            self._fail_response(response, request_id, 'plan', exc)
         finally:
             self._track(-1)
-        response.action = self._action_for(outcome)
+        return response
+
+    def _fail_response(self, response, request_id: str, where: str,
+                       exc: BaseException) -> None:
+        self.count_error(where, exc)
+        response.action = self._action_for(StepOutcome(_outcome(
+            request_id, RequestStatus.ERROR,
+            f'could not handle the request: {type(exc).__name__}: {exc}'), 0, True))
+
+    def _on_confirm(self, request: Confirm.Request,
+                    response: Confirm.Response) -> Confirm.Response:
+        try:
+            response.accepted, response.message = self._tasks.confirm(
+                request.request_id, request.call_id, request.approve, request.reason)
+            self.get_logger().info(
+                f'confirm {request.request_id[:40]!r}/{request.call_id[:40]!r} '
+                f'({"approve" if request.approve else "deny"}): {response.message}')
+        except Exception as exc:
+            self.count_error('confirm', exc)
+            response.accepted = False
+            response.message = f'could not apply the decision: {type(exc).__name__}: {exc}'
         return response
 
     def _on_goal(self, _goal: Execute.Goal) -> GoalResponse:
@@ -371,6 +456,7 @@ class NemotronNode(LifecycleNode):
         key = bytes(goal_handle.goal_id.uuid)
         request_id = key.hex()[:16]
         feedback = _FeedbackStream(goal_handle, accepted)
+        result = Execute.Result()
         self._track(1)
         try:
             prompt = _prompt_from_goal(goal_handle.request, RequestKind.ACTION, request_id,
@@ -380,11 +466,10 @@ class NemotronNode(LifecycleNode):
                 if key in self._pending_cancels:
                     self._pending_cancels.discard(key)
                     self._canceled_ids.add(request_id)
-            outcome = await self._submit_async(prompt)
+            result.action, result.steps = await self._submit_async(
+                prompt, goal_handle.request.max_steps, feedback)
         except Exception as exc:
-            self.count_error('execute', exc)
-            outcome = _outcome(request_id, RequestStatus.ERROR,
-                               f'could not handle the goal: {type(exc).__name__}: {exc}')
+            self._fail_response(result, request_id, 'execute', exc)
         finally:
             with self._goal_lock:
                 self._goals.pop(key, None)
@@ -392,14 +477,13 @@ class NemotronNode(LifecycleNode):
                 self._canceled_ids.discard(request_id)
             self._track(-1)
         feedback.close()
-        result = Execute.Result(action=self._action_for(outcome))
         self._end_goal(goal_handle, result.action.status)
         return result
 
     def _end_goal(self, goal_handle, status: int) -> None:
         """Move the goal to the terminal state that matches the answer's ``status``."""
         if status == Action.STATUS_CANCELED:
-            # The engine only cancels after the cancel was accepted; the action server marks
+            # Tasks are only canceled after the cancel was accepted; the action server marks
             # the goal CANCELING right after our callback returns, which may be a moment later.
             end = time.monotonic() + 1.0
             while not goal_handle.is_cancel_requested and time.monotonic() < end:
@@ -425,7 +509,7 @@ class NemotronNode(LifecycleNode):
         return CancelResponse.ACCEPT
 
     def _drain_cancels(self) -> None:
-        """Cancel the requests of goals whose cancel was accepted.
+        """Cancel the tasks of goals whose cancel was accepted, in whatever state they are.
 
         A goal whose request is not registered yet keeps its mark: ``_on_execute`` finds it
         when it registers, so a cancel that arrives early still cancels.
@@ -437,7 +521,7 @@ class NemotronNode(LifecycleNode):
                 self._pending_cancels.difference_update(ready)
                 self._canceled_ids.update(request_ids)
             for request_id in request_ids:
-                self._engine.cancel(request_id)
+                self._tasks.cancel(request_id)
         except Exception as exc:
             self.count_error('cancel', exc)
 
@@ -468,7 +552,8 @@ class NemotronNode(LifecycleNode):
                        ('observations_dropped', self._counts['observations_dropped']),
                        ('intake_waiting', len(self._intake)),
                        ('intake_refused', self._intake.refused),
-                       ('callback_errors', self._counts['callback_errors'])]
+                       ('callback_errors', self._counts['callback_errors']),
+                       *self._task_values()]
         stats = self._engine.stats()
         info = self._engine.info
         loading = self._engine.load_progress
@@ -497,6 +582,17 @@ class NemotronNode(LifecycleNode):
         status.values = [KeyValue(key=k, value=str(v)) for k, v in node_values]
         return status
 
+    def _task_values(self) -> list[tuple[str, Any]]:
+        tasks = self._tasks.stats()
+        return [('tasks_running', tasks.running), ('held_calls', tasks.held),
+                ('tool_results_dropped', tasks.dropped_results),
+                ('tool_result_timeouts', tasks.result_timeouts),
+                ('confirmations_approved', tasks.approved),
+                ('confirmations_denied', tasks.denied),
+                ('confirmation_timeouts', tasks.confirmation_timeouts),
+                ('held_calls_withdrawn', tasks.withdrawn),
+                *((f'tool_results.{name}', n) for name, n in sorted(tasks.results.items()))]
+
     def count_error(self, where: str, exc: BaseException) -> None:
         """Count and log (throttled) an exception that a callback caught."""
         self._counts['callback_errors'] += 1
@@ -508,9 +604,10 @@ class NemotronNode(LifecycleNode):
 
 
 class _FeedbackStream:
-    """Publishes Execute feedback from the generating thread, at most every 50 ms.
+    """Publishes Execute feedback: partial text at most every 50 ms, and every state change.
 
-    Closed before the goal's result is set: a token that arrives later (the backend may still
+    Tokens arrive on the generating thread, step and state changes on the task manager's.
+    Closed before the goal's result is set: anything that arrives later (the backend may still
     be stopping) publishes nothing, so no feedback ever follows the result.
     """
 
@@ -520,8 +617,11 @@ class _FeedbackStream:
         self._lock = threading.Lock()
         self._text: list[str] = []
         self._last = 0.0
-        self._sent = 0
+        self._sent = -1
         self._closed = False
+        self._step = 0
+        self._state = TaskState.GENERATING
+        self._calls: list[ToolCall] = []
 
     def on_token(self, piece: str) -> None:
         with self._lock:
@@ -531,25 +631,93 @@ class _FeedbackStream:
             now = time.monotonic()
             if now - self._last >= FEEDBACK_PERIOD_S:
                 self._last = now
-                self._flush_locked()
+                self._publish_locked()
+
+    def on_state(self, step: int, state: TaskState) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if step != self._step:  # a new step streams its own text
+                self._step, self._text = step, []
+            self._state = state
+            self._publish_locked()
+
+    def on_step(self, action: Action) -> None:
+        """A step ended with calls: the next feedback shows them (held ones flagged)."""
+        with self._lock:
+            self._calls = list(action.tool_calls)
 
     def close(self) -> None:
         """Send what is pending, then publish nothing more."""
         with self._lock:
             if not self._closed:
-                self._flush_locked()
+                if len(self._text) != self._sent:
+                    self._publish_locked()
                 self._closed = True
 
-    def _flush_locked(self) -> None:
-        if len(self._text) == self._sent:
-            return
+    def _publish_locked(self) -> None:
         self._sent = len(self._text)
         try:
             self._goal_handle.publish_feedback(Execute.Feedback(
                 partial_text=''.join(self._text), completion_tokens=self._sent,
-                elapsed_ms=(time.monotonic() - self._accepted) * 1000.0))
+                elapsed_ms=(time.monotonic() - self._accepted) * 1000.0, step=self._step,
+                state=self._state.value, tool_calls=self._calls))
         except Exception:  # feedback is best effort; the result still comes
             pass
+
+
+class _TopicListener:
+    """A topic command's task: every step Action on ``actions``, calls on ``tool_calls``."""
+
+    def __init__(self, node: NemotronNode) -> None:
+        self._node = node
+
+    def step(self, step: StepOutcome) -> None:
+        self._node._publish_step(step)
+
+    def release(self, call: TaskCall) -> None:
+        self._node._release(call)
+
+    def pending(self, call: TaskCall) -> None:
+        self._node._announce(call)
+
+    def state(self, step: int, state: TaskState) -> None:
+        pass
+
+
+class _CallerListener:
+    """A ``plan`` call's or ``execute`` goal's task: the caller gets (final, steps).
+
+    Calls of steps that await results go to the executors on ``tool_calls``; the final step's
+    calls go back to the caller only (the task manager does not release them).
+    """
+
+    def __init__(self, node: NemotronNode, future: Future,
+                 feedback: Optional[_FeedbackStream]) -> None:
+        self._node = node
+        self._future = future
+        self._feedback = feedback
+        self._steps: list[Action] = []
+
+    def step(self, step: StepOutcome) -> None:
+        action = self._node._action_for(step)
+        if step.final:
+            if not self._future.done():
+                self._future.set_result((action, list(self._steps)))
+            return
+        self._steps.append(action)
+        if self._feedback is not None:
+            self._feedback.on_step(action)
+
+    def release(self, call: TaskCall) -> None:
+        self._node._release(call)
+
+    def pending(self, call: TaskCall) -> None:
+        self._node._announce(call)
+
+    def state(self, step: int, state: TaskState) -> None:
+        if self._feedback is not None:
+            self._feedback.on_state(step, state)
 
 
 def _outcome(request_id: str, status: RequestStatus, message: str,
@@ -558,6 +726,11 @@ def _outcome(request_id: str, status: RequestStatus, message: str,
     total = time.monotonic() - arrival if arrival is not None else 0.0
     return Outcome(request_id=request_id, status=status, status_message=message,
                    total_s=max(0.0, total))
+
+
+def _final(prompt: Prompt, status: RequestStatus, message: str) -> StepOutcome:
+    """The one final step of a request the node answers itself (never started)."""
+    return StepOutcome(_outcome(prompt.id, status, message, prompt.arrival), 0, True)
 
 
 def _prompt_from_goal(goal, kind: RequestKind, request_id: str,

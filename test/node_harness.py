@@ -151,19 +151,19 @@ def _node_module(_node: NemotronNode) -> object:
 #: retarget when the node's internals are renamed. What each serves:
 #:  engine.submit         the request paths (command, command_text, plan, execute) past intake
 #:  intake.put            the request callbacks themselves (the O(1) hand-over)
-#:  outcome_to_action     building the answer message (every request path)
+#:  step_to_action        building the answer message (every request path)
 #:  observation_from_msg  the observations callback (message -> world state entry)
 #:  engine.observe        the observations callback (world state update)
-#:  engine.cancel         execute cancel
+#:  tasks.cancel          execute cancel
 #:  engine.stats          the diagnostics timer
 #:  backend.generate / backend.count_tokens   the model itself (backend faults)
 FAULT_SITES: dict[str, Callable[[NemotronNode], tuple[object, str]]] = {
     'engine.submit': lambda node: (node._engine, 'submit'),
     'intake.put': lambda node: (node._intake, 'put'),
-    'outcome_to_action': lambda node: (_node_module(node), 'outcome_to_action'),
+    'step_to_action': lambda node: (_node_module(node), 'step_to_action'),
     'observation_from_msg': lambda node: (_node_module(node), 'observation_from_msg'),
     'engine.observe': lambda node: (node._engine, 'observe'),
-    'engine.cancel': lambda node: (node._engine, 'cancel'),
+    'tasks.cancel': lambda node: (node._tasks, 'cancel'),
     'engine.stats': lambda node: (node._engine, 'stats'),
     'backend.generate': lambda node: (node._engine.backend, 'generate'),
     'backend.count_tokens': lambda node: (node._engine.backend, 'count_tokens'),
@@ -255,6 +255,10 @@ class ExecuteCaller:
 
     def spin_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
         return spin_until(self.executor, predicate, timeout)
+
+    def decoding(self, key: bytes) -> bool:
+        """Whether the goal has streamed generated text (state-only feedback does not count)."""
+        return any(fb.completion_tokens > 0 for _stamp, fb in self.feedback.get(key, []))
 
     def ready(self, timeout: float = 10.0) -> bool:
         return self.client.wait_for_server(timeout_sec=timeout) and \
@@ -396,3 +400,46 @@ def _param_text(value: Any) -> str:
     if isinstance(value, bool):
         return 'true' if value else 'false'
     return str(value)
+
+
+class FakeExecutor:
+    """An executor node: records every ToolCall on ``tool_calls`` and answers with ToolResults.
+
+    :param answer: builds the result content for a call, or None to stay silent (a result
+        that never comes); called on the executor's own callback thread.
+    """
+
+    def __init__(self, ros, answer: Optional[Callable[[ToolCall], Optional[dict]]] = None,
+                 namespace: str = '') -> None:
+        from nemotron_ros.msg import ToolResult
+
+        self.node = ros.node(f'executor_{uuid.uuid4().hex[:6]}', namespace=namespace)
+        self.calls: list[ToolCall] = []
+        self.pending: list[ToolCall] = []
+        self._answer = answer
+        self._result_type = ToolResult
+        self.results = self.node.create_publisher(ToolResult, 'tool_results', COMMAND_QOS)
+        self.node.create_subscription(ToolCall, 'tool_calls', self._on_call, COMMAND_QOS)
+        self.node.create_subscription(ToolCall, 'confirmations_pending', self.pending.append,
+                                      COMMAND_QOS)
+
+    def connected(self) -> bool:
+        return self.results.get_subscription_count() > 0
+
+    def _on_call(self, call: ToolCall) -> None:
+        self.calls.append(call)
+        if self._answer is None:
+            return
+        content = self._answer(call)
+        if content is not None:
+            self.send(call, content)
+
+    def send(self, call: ToolCall, content: Any, success: bool = True,
+             request_id: Optional[str] = None, call_id: Optional[str] = None) -> None:
+        """Publish a result for ``call`` (ids overridable to fake unknown ones)."""
+        import json
+
+        self.results.publish(self._result_type(
+            request_id=call.request_id if request_id is None else request_id,
+            call_id=call.id if call_id is None else call_id, name=call.name, success=success,
+            content_json=content if isinstance(content, str) else json.dumps(content)))

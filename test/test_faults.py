@@ -143,10 +143,10 @@ def tiny_node(ros, node_factory, tiny_model):
 
 # -- an exception in each callback path ------------------------------------------------------
 REQUEST_FAULTS = [
-    ('command', 'intake.put'), ('command', 'engine.submit'), ('command', 'outcome_to_action'),
+    ('command', 'intake.put'), ('command', 'engine.submit'), ('command', 'step_to_action'),
     ('command_text', 'intake.put'), ('command_text', 'engine.submit'),
-    ('plan', 'intake.put'), ('plan', 'engine.submit'), ('plan', 'outcome_to_action'),
-    ('execute', 'intake.put'), ('execute', 'engine.submit'), ('execute', 'outcome_to_action'),
+    ('plan', 'intake.put'), ('plan', 'engine.submit'), ('plan', 'step_to_action'),
+    ('execute', 'intake.put'), ('execute', 'engine.submit'), ('execute', 'step_to_action'),
 ]
 
 
@@ -201,29 +201,30 @@ def test_a_fault_in_the_diagnostics_timer_is_survived(monkeypatch, tiny_node) ->
 def test_a_fault_canceling_a_goal_still_ends_it_once_and_later_cancels_work(
         monkeypatch, tiny_node) -> None:
     node, client, caller = tiny_node(execute=True, max_tokens=4000)
-    fault = inject_fault(monkeypatch, node, 'engine.cancel', RuntimeError('injected fault'),
+    fault = inject_fault(monkeypatch, node, 'tasks.cancel', RuntimeError('injected fault'),
                          times=None)
     handle = caller.accepted(STORY)
     key = bytes(handle.goal_id.uuid)
-    assert caller.spin_until(lambda: caller.feedback[key], 30.0), 'no feedback while decoding'
+    assert caller.spin_until(lambda: caller.decoding(key), 30.0), 'no feedback while decoding'
     cancel = handle.cancel_goal_async()
     assert caller.spin_until(cancel.done, 10.0), 'the cancel was not answered'
     goal_status, action = caller.result(handle, 60.0)
-    assert wait_for(lambda: fault.raised >= 1, 10.0), 'the cancel never reached the engine'
-    # The engine's cancel failed, so nothing stopped the generation: the goal either runs to
-    # its end (SUCCEEDED, OK: the truth) or the node gives up on it with ERROR naming the
-    # fault. CANCELED would be a lie, since every attempt to cancel raised.
+    assert wait_for(lambda: fault.raised >= 1, 10.0), 'the cancel never reached the task manager'
+    # The task manager's cancel failed, so nothing stopped the generation: the goal either
+    # runs to its end (SUCCEEDED, OK: the truth) or the node gives up on it with ERROR naming
+    # the fault. CANCELED would be a lie, since every attempt to cancel raised.
     assert (goal_status, action.status) in {
         (GoalStatus.STATUS_SUCCEEDED, Action.STATUS_OK),
         (GoalStatus.STATUS_ABORTED, Action.STATUS_ERROR)}, \
         f'goal {goal_status}, action {_name(action.status)} {action.status_message!r}'
     if action.status == Action.STATUS_ERROR:
         assert 'injected fault' in action.status_message
+    assert caller.spin_until(lambda: caller.terminal_states[key], 10.0)
     assert caller.terminal_states[key] == {goal_status}
     fault.disarm()
     handle = caller.accepted(STORY)
     key = bytes(handle.goal_id.uuid)
-    assert caller.spin_until(lambda: caller.feedback[key], 30.0), 'no feedback while decoding'
+    assert caller.spin_until(lambda: caller.decoding(key), 30.0), 'no feedback while decoding'
     cancel = handle.cancel_goal_async()
     assert caller.spin_until(cancel.done, 10.0)
     goal_status, action = caller.result(handle, 30.0)
@@ -367,11 +368,11 @@ def _reach_phase(phase: str, node, outstanding: Outstanding) -> None:
                                                latency_budget_ms=60000, max_tokens=4000))
         key = bytes(handle.goal_id.uuid)
         assert caller.spin_until(lambda: engine_activity(node)[0] is not None, 10.0)
-        assert not caller.feedback[key], 'decoding had already started: no prefill phase seen'
+        assert not caller.decoding(key), 'decoding had already started: no prefill phase seen'
     else:
         handle = outstanding.goal(STORY)
         key = bytes(handle.goal_id.uuid)
-        assert caller.spin_until(lambda: caller.feedback[key], 30.0), 'no feedback: not decoding'
+        assert caller.spin_until(lambda: caller.decoding(key), 30.0), 'no feedback: not decoding'
 
 
 def _transition(node, transition: str) -> TransitionCallbackReturn:
@@ -441,7 +442,7 @@ def test_twenty_goals_canceled_at_random_times_each_end_once(tiny_node) -> None:
                       'feedback_before_cancel': True})
 
     def cancel(goal, by_id: bool) -> None:
-        goal['feedback_before_cancel'] = bool(caller.feedback[goal['key']])
+        goal['feedback_before_cancel'] = caller.decoding(goal['key'])
         goal['canceled_at'] = time.monotonic()
         goal['cancel'] = caller.cancel_by_id(goal['id']) if by_id else \
             goal['sent'].result().cancel_goal_async()

@@ -7,12 +7,54 @@ fails the lifecycle transition with one readable line.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .settings import ENGINE_SETTINGS, SETTINGS, check_at_most_n_ctx, default
+from .settings import ENGINE_SETTINGS, SETTINGS, check, check_at_most_n_ctx, default
 from .types import SamplingParams
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """How multi-step tasks run (:class:`~.tasks.TaskManager`); build it with
+    :meth:`EngineConfig.task_config` so the node's parameters apply.
+
+    :param max_steps: steps of a request that gives 0.
+    :param tool_result_timeout_s: wait for each call's result (a tool's ``result_timeout_s``
+        wins).
+    :param confirmation_timeout_s: wait for an operator's decision on a held call.
+    :param max_task_tokens: most tokens a task's next prompt may have (the node passes
+        :attr:`EngineConfig.task_token_limit`).
+    :param max_result_chars: longest ``content_json`` a tool result may carry (longer ones
+        are refused as invalid content, like an over-long request text).
+    :param finished_memory: ids of ended tasks remembered, newest first, to tell a result for
+        a finished task from one for a task that never existed; bounded so that memory does
+        not grow with the number of tasks served.
+    """
+
+    max_steps: int = default('max_steps')
+    tool_result_timeout_s: float = default('tool_result_timeout_ms') / 1000.0
+    confirmation_timeout_s: float = default('confirmation_timeout_ms') / 1000.0
+    max_task_tokens: int = default('max_task_tokens')
+    max_result_chars: int = default('max_input_chars')
+    finished_memory: int = 4096
+
+    def __post_init__(self) -> None:
+        check('max_steps', self.max_steps)
+        check('max_input_chars', self.max_result_chars)
+        for name in ('max_task_tokens', 'finished_memory'):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f'{name} must be an integer >= 1, got {value!r}')
+        for name, setting in (('tool_result_timeout_s', 'tool_result_timeout_ms'),
+                              ('confirmation_timeout_s', 'confirmation_timeout_ms')):
+            value, limits = getattr(self, name), SETTINGS[setting]
+            low, high = limits.low / 1000.0, limits.high / 1000.0
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and math.isfinite(value) and low <= value <= high):
+                raise ValueError(f'{name} must be in [{low:g}, {high:g}] s, got {value!r}')
 
 
 @dataclass(frozen=True)
@@ -46,6 +88,10 @@ class EngineConfig:
     max_tool_calls: int = default('max_tool_calls')
     tool_choice: str = default('tool_choice')
     max_input_chars: int = default('max_input_chars')
+    max_steps: int = default('max_steps')
+    tool_result_timeout_ms: int = default('tool_result_timeout_ms')
+    confirmation_timeout_ms: int = default('confirmation_timeout_ms')
+    max_task_tokens: int = default('max_task_tokens')
     temperature: float = default('temperature')
     top_p: float = default('top_p')
     top_k: int = default('top_k')
@@ -70,6 +116,23 @@ class EngineConfig:
         if unknown:
             raise ValueError(f'not engine settings: {", ".join(unknown)}')
         return cls(**{SETTINGS[name].field: value for name, value in values.items()})
+
+    @property
+    def task_token_limit(self) -> int:
+        """``max_task_tokens``, lowered so that the context still holds a full answer.
+
+        A prompt of ``n_ctx - max_tokens`` tokens or more would leave the next answer less
+        room than ``max_tokens``: the task must end cleanly before that, not be cut.
+        """
+        return max(1, min(self.max_task_tokens, self.n_ctx - self.max_tokens))
+
+    def task_config(self) -> TaskConfig:
+        """The settings of multi-step tasks (:class:`~.tasks.TaskManager`)."""
+        return TaskConfig(max_steps=self.max_steps,
+                          tool_result_timeout_s=self.tool_result_timeout_ms / 1000.0,
+                          confirmation_timeout_s=self.confirmation_timeout_ms / 1000.0,
+                          max_task_tokens=self.task_token_limit,
+                          max_result_chars=self.max_input_chars)
 
     def sampling(self) -> SamplingParams:
         """Default sampling for requests."""

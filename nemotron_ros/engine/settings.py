@@ -129,6 +129,19 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
             choices=TOOL_CHOICES),
     Setting('max_input_chars', 16000, 'Longest accepted request text; longer ones are '
             'INVALID_REQUEST.', 1, 1 << 24),
+    Setting('max_steps', 1, 'Steps (generations) a request may take when it gives max_steps '
+            '0; after a step with tool calls the node waits for their results and runs the '
+            'next step; 1 = one answer, no waiting.', 1, 64),
+    Setting('tool_result_timeout_ms', 30000, 'How long a task step waits for each tool '
+            "call's result (a tool's result_timeout_s wins); a missing result becomes a failed "
+            'one, in ms.', 1, 3_600_000),
+    Setting('confirmation_timeout_ms', 30000, 'How long a call to a tool with '
+            'requires_confirmation waits for approval on the confirm service before it counts '
+            'as not confirmed, in ms.', 1, 3_600_000),
+    Setting('max_task_tokens', 3072, "Most tokens a task's prompt may grow to (system, tools, "
+            'request, calls and results); a task whose next step would exceed it ends ERROR. '
+            'Capped at n_ctx - max_tokens, so the context always holds the answer.',
+            64, 1 << 20),
     Setting('temperature', 0.6, 'Sampling temperature; 0 = greedy.', 0.0, 2.0),
     Setting('top_p', 0.95, 'Nucleus sampling mass.', 0.01, 1.0),
     Setting('top_k', 0, 'Top-k sampling; 0 = off.', 0, 100000),

@@ -41,7 +41,10 @@ _KEYWORDS_BY_TYPE: dict[str, frozenset[str]] = {
 }
 SUPPORTED_KEYWORDS = frozenset().union(*_KEYWORDS_BY_TYPE.values())
 
-_TOOL_KEYS = frozenset({'name', 'description', 'parameters', 'limits', 'requires_confirmation'})
+_TOOL_KEYS = frozenset({'name', 'description', 'parameters', 'limits', 'requires_confirmation',
+                        'result_timeout_s'})
+MAX_RESULT_TIMEOUT_S = 3600.0
+"""Longest per-tool ``result_timeout_s``: the ``tool_result_timeout_ms`` parameter's limit."""
 _LIMIT_KEYS = frozenset({'min', 'max'})
 _EMPTY_PARAMETERS: Mapping[str, Any] = {'type': 'object', 'properties': {}}
 
@@ -78,6 +81,12 @@ class ToolSpec:
     ``parameters`` is a JSON Schema of ``type: object`` restricted to the supported subset
     (see :data:`SUPPORTED_KEYWORDS`); treat it as read-only. Specs hash by content so that
     grammars built from them can be cached.
+
+    :param requires_confirmation: a call is held until an operator approves it (a task's
+        confirmation gate, :mod:`.tasks`); it is never published unapproved.
+    :param result_timeout_s: how long a task step waits for this tool's result, in seconds;
+        None = the ``tool_result_timeout_ms`` parameter. A slow tool (driving across a
+        building) needs more than a quick one (reading the battery).
     """
 
     name: str
@@ -85,10 +94,11 @@ class ToolSpec:
     parameters: dict = field(default_factory=lambda: copy.deepcopy(dict(_EMPTY_PARAMETERS)))
     limits: tuple[Limit, ...] = ()
     requires_confirmation: bool = False
+    result_timeout_s: Optional[float] = None
 
     def __hash__(self) -> int:
         return hash((self.name, self.description, _canonical_json(self.parameters),
-                     self.limits, self.requires_confirmation))
+                     self.limits, self.requires_confirmation, self.result_timeout_s))
 
     @functools.cached_property
     def effective_parameters(self) -> dict:
@@ -141,6 +151,7 @@ class ToolRegistry:
                 raise ToolConfigError(f'{source}: tool {tool.name!r}: duplicate tool name')
             try:
                 check_schema(tool.parameters, 'parameters')
+                check_result_timeout(tool.result_timeout_s)
             except ToolConfigError as exc:
                 raise ToolConfigError(f'{source}: tool {tool.name!r}: {exc}') from None
             self._tools[tool.name] = tool
@@ -272,12 +283,26 @@ def parse_tool(entry: Any, index: int, source: str) -> ToolSpec:
     confirm = entry.get('requires_confirmation', False)
     if not isinstance(confirm, bool):
         raise fail(f"'requires_confirmation' must be true or false, got {confirm!r}")
+    timeout = entry.get('result_timeout_s')
+    try:
+        check_result_timeout(timeout)
+    except ToolConfigError as exc:
+        raise fail(str(exc)) from None
     try:
         limits = parse_limits(entry.get('limits'), parameters)
     except ToolConfigError as exc:
         raise fail(str(exc)) from None
     return ToolSpec(name=name, description=description.strip(), parameters=parameters,
-                    limits=limits, requires_confirmation=confirm)
+                    limits=limits, requires_confirmation=confirm,
+                    result_timeout_s=None if timeout is None else float(timeout))
+
+
+def check_result_timeout(value: Any) -> None:
+    """Refuse a ``result_timeout_s`` that is not None or a number of seconds in (0, 3600]."""
+    if value is not None and not (_is_finite_number(value)
+                                  and 0 < value <= MAX_RESULT_TIMEOUT_S):
+        raise ToolConfigError(f"'result_timeout_s' must be a number of seconds in (0, "
+                              f'{MAX_RESULT_TIMEOUT_S:g}], got {value!r}')
 
 
 def check_schema(schema: Any, where: str) -> None:
