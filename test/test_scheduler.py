@@ -556,13 +556,18 @@ def test_required_answer_with_a_valid_call_is_ok(make_scheduler, backend):
 # --------------------------------------------------------------------------- estimates
 
 
+def _learn_answer_lengths(scheduler: Scheduler) -> None:
+    """Run enough answers that admission plans from their lengths, not from the prior."""
+    for index in range(4):
+        assert scheduler.submit(_request(f'learn{index}')).result(timeout=5).ok
+
+
 def test_admission_plans_the_typical_answer_not_a_minimum(make_scheduler, backend):
     # Answers of 40 tokens (0.2 s) are learned; a request whose budget fits 16 tokens but
     # not 40 is refused at the door instead of being cut at its deadline.
     scheduler = make_scheduler(min_new_tokens=2)
     backend.default_tokens = 40
-    for index in range(4):  # enough answers to plan from them, not from the prior
-        assert scheduler.submit(_request(f'learn{index}')).result(timeout=5).ok
+    _learn_answer_lengths(scheduler)
     handle = scheduler.submit(_request('tight', budget_s=0.12))
     assert handle.done(), 'decided inside submit()'
     outcome = handle.result(timeout=0)
@@ -575,8 +580,7 @@ def test_admission_counts_the_queue_at_its_real_lengths(make_scheduler, backend)
     # A 40-token answer running and two queued ahead (0.2 s each): 0.45 s is not enough.
     scheduler = make_scheduler(min_new_tokens=2)
     backend.default_tokens = 40
-    for index in range(4):  # enough answers to plan from them, not from the prior
-        assert scheduler.submit(_request(f'learn{index}')).result(timeout=5).ok
+    _learn_answer_lengths(scheduler)
     backend.answers['running'] = 40
     backend.stalls['running'] = 0.3
     running = scheduler.submit(_request('running', budget_s=5.0))
@@ -596,8 +600,7 @@ def test_newcomer_that_would_make_an_admitted_request_late_is_refused(make_sched
     # 'admitted' to 1.2 s: the "yes" already given is kept, the newcomer is told "no".
     scheduler = make_scheduler(min_new_tokens=2)
     backend.default_tokens = 80
-    for index in range(4):  # enough answers to plan from them, not from the prior
-        assert scheduler.submit(_request(f'learn{index}')).result(timeout=5).ok
+    _learn_answer_lengths(scheduler)
     running = scheduler.submit(_request('running', budget_s=5.0))
     backend.wait_started('running')
     admitted = scheduler.submit(_request('admitted', budget_s=1.0))
