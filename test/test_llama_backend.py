@@ -238,3 +238,12 @@ def test_a_canceled_load_stops_while_reading_the_model(model_dir: Path) -> None:
     assert path in str(info.value) and not backend.loaded
     assert backend.load(CancelToken()).path == path  # a later load is unaffected
     backend.unload()
+
+
+def test_whole_prompt_count_matches_what_generate_evaluates(tiny: LlamaBackend) -> None:
+    history = [Message('assistant', '', ()), Message('tool', '{"percent": 70}')]
+    request = GenerationRequest(messages=[*_messages('Check the battery'), *history],
+                                tools=TOOLS.names, sampling=SamplingParams(max_tokens=2))
+    counted = tiny.count_prompt_tokens(request)
+    result = tiny.generate(request)
+    assert counted == result.usage.prompt_tokens

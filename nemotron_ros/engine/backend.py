@@ -228,6 +228,21 @@ class Backend(abc.ABC):
             return new
         return new + self.count_tokens(rendered.prefix)
 
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens of the whole rendered prompt of ``request``, reused prefix included.
+
+        The fixed prefix's count comes from the tokenization ``generate`` keeps (a 4k-token
+        prefix costs milliseconds to tokenize again), so only the request's own part is
+        tokenized here: a multi-step task checks ``max_task_tokens`` before every step.
+        """
+        if self.prompt_format is None:
+            return self.count_tokens('\n'.join(m.content for m in request.messages))
+        rendered = self.render(request)
+        cached_text, tokens = self._prefix_encoding
+        prefix = len(tokens) if rendered.prefix and rendered.prefix == cached_text else \
+            self.count_tokens(rendered.prefix)
+        return prefix + self.count_tokens(rendered.text[len(rendered.prefix):])
+
     def reuses_prefix(self, prefix: str) -> bool:
         """True when a generation whose prompt starts with ``prefix`` skips evaluating it."""
         return False

@@ -341,9 +341,7 @@ class Engine:
         backend = self._backend
         if backend is None:
             raise EngineLoadError('no model is loaded')
-        if backend.prompt_format is None:  # a stand-in backend without a prompt format
-            return backend.count_tokens('\n'.join(m.content for m in request.messages))
-        return backend.count_tokens(backend.render(request).text)
+        return backend.count_prompt_tokens(request)
 
     def budget_s(self, budget_ms: int) -> float:
         """The scheduler's budget in seconds for a request giving ``budget_ms`` (0 = default).
