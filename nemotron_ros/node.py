@@ -60,7 +60,6 @@ from .engine.config import TaskConfig
 from .engine.runtime import Engine, EngineLoadError, Prompt, new_request_id
 from .engine.scheduler import Outcome, RequestKind, RequestStatus
 from .engine.tasks import (
-    ResultDisposition,
     StepOutcome,
     TaskCall,
     TaskListener,
@@ -343,17 +342,16 @@ class NemotronNode(LifecycleNode):
             self.count_error('observations', exc)
 
     def _on_tool_result(self, msg: ToolResult) -> None:
-        """An executor's result: O(1) here; the next step is submitted by the task manager."""
+        """An executor's result: O(1) here; the next step is submitted by the task manager.
+
+        A dropped result is counted (diagnostics ``tool_results.<reason>``) and logged,
+        throttled, by the task manager.
+        """
         try:
-            disposition = self._tasks.tool_result(msg.request_id, msg.call_id, msg.name,
-                                                  msg.success, msg.content_json)
+            self._tasks.tool_result(msg.request_id, msg.call_id, msg.name, msg.success,
+                                    msg.content_json)
         except Exception as exc:
             self.count_error('tool_results', exc)
-            return
-        if disposition is not ResultDisposition.ACCEPTED:
-            self.get_logger().warning(
-                f'tool result {msg.request_id[:40]!r}/{msg.call_id[:40]!r} dropped: '
-                f'{disposition.value}', throttle_duration_sec=5.0)
 
     def _publish_step(self, step: StepOutcome) -> None:
         """Publish one step's Action on ``actions`` (its calls go out through ``release``)."""

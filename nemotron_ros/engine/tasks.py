@@ -429,7 +429,10 @@ class TaskManager:
         levels, at most ``max_result_chars`` long). ``name``, when given, must be the call's.
         """
         disposition = self._take_result(request_id, call_id, name, success, content_json)
-        if disposition is not ResultDisposition.ACCEPTED:
+        if disposition is ResultDisposition.FINISHED_TASK:
+            # Routine: an executor answers the released calls of a command's final step too.
+            _LOG.debug('tool result for finished task %r, call %r', request_id, call_id)
+        elif disposition is not ResultDisposition.ACCEPTED:
             self._throttle.log(disposition.value, 'dropped a tool result (%s): request %r, '
                                'call %r', disposition.value, request_id, call_id)
         return disposition
