@@ -39,7 +39,7 @@ from nemotron_ros.engine.scheduler import RequestKind
 from nemotron_ros.msg import Action
 from nemotron_ros.node import NemotronNode
 from nemotron_ros.srv import Plan
-from nemotron_ros.testing.models import smollm2_gguf_path, tiny_nemotron_h_path
+from nemotron_ros.testing.models import model_by_name
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUS = {getattr(Action, n): n[len('STATUS_'):] for n in dir(Action) if n.startswith('STATUS_')}
@@ -58,14 +58,6 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument('--calls', type=int, default=120, help='deadline calls, all callers')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'bench_node'))
     return parser.parse_args(argv)
-
-
-def _model_path(name: str, scratch: Path) -> str:
-    if name == 'tiny_nemotron_h':
-        return str(tiny_nemotron_h_path(scratch))
-    if name == 'smollm2':
-        return str(smollm2_gguf_path())
-    return name
 
 
 def _call(client, request: Plan.Request, timeout: float) -> tuple[Optional[Action], float]:
@@ -172,7 +164,7 @@ def _plot(report: dict, path: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(argv)
     scratch = Path(tempfile.mkdtemp(prefix='bench_node_'))
-    model = _model_path(args.model, scratch)
+    model = model_by_name(args.model, scratch)
     rclpy.init()
     node = NemotronNode(parameter_overrides=[
         Parameter('model_path', value=model), Parameter('n_threads', value=args.n_threads),

@@ -70,7 +70,7 @@ from nemotron_ros.action import Execute  # noqa: E402
 from nemotron_ros.msg import Action, Command  # noqa: E402
 from nemotron_ros.node import NemotronNode  # noqa: E402
 from nemotron_ros.srv import Plan  # noqa: E402
-from nemotron_ros.testing.models import smollm2_gguf_path, tiny_nemotron_h_path  # noqa: E402
+from nemotron_ros.testing.models import model_by_name  # noqa: E402
 
 KINDS = {'command': 0.45, 'plan': 0.35, 'execute': 0.20}
 TEXTS = ('Go to the kitchen.', 'Bring me the red cup.', 'Stop.', 'What is the battery level?',
@@ -128,14 +128,6 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=1)
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'reliability'))
     return parser.parse_args(argv)
-
-
-def _model_path(name: str) -> str:
-    if name == 'tiny_nemotron_h':
-        return str(tiny_nemotron_h_path(Path(tempfile.mkdtemp(prefix='bench_reliability_'))))
-    if name == 'smollm2':
-        return str(smollm2_gguf_path())
-    return name
 
 
 def _schedule(args: argparse.Namespace, rng: random.Random) -> list[Record]:
@@ -314,7 +306,7 @@ def _report(records: list[Record], caller: ExecuteCaller, chaos: Chaos, crashes:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(argv)
     rng = random.Random(args.seed)
-    model = _model_path(args.model)
+    model = model_by_name(args.model, tempfile.mkdtemp(prefix='bench_reliability_'))
     ros = RosHarness()
     node = NemotronNode(context=ros.context, parameter_overrides=node_params(
         model, max_tokens=LONG_GOAL_TOKENS, queue_size=args.queue_size,

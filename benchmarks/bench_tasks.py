@@ -56,7 +56,7 @@ from rclpy.parameter import Parameter
 from nemotron_ros.msg import Action, ToolCall, ToolResult
 from nemotron_ros.node import COMMAND_QOS, NemotronNode
 from nemotron_ros.srv import Plan
-from nemotron_ros.testing.models import smollm2_gguf_path, tiny_nemotron_h_path
+from nemotron_ros.testing.models import model_by_name
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUS = {getattr(Action, n): n[len('STATUS_'):] for n in dir(Action) if n.startswith('STATUS_')}
@@ -86,14 +86,6 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.reps is not None and args.reps < 1:
         parser.error('--reps must be >= 1')
     return args
-
-
-def _model_path(name: str, scratch: Path) -> str:
-    if name == 'tiny_nemotron_h':
-        return str(tiny_nemotron_h_path(scratch))
-    if name == 'smollm2':
-        return str(smollm2_gguf_path())
-    return name
 
 
 def _median(values: list[float]) -> float:
@@ -447,7 +439,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.monotonic()
     try:
         for name in args.models:
-            model = _model_path(name, scratch)
+            model = model_by_name(name, scratch)
             report['models'][name] = {'model_path': model, **_measure(bench, name, model)}
     finally:
         bench.close()

@@ -33,3 +33,16 @@ def tiny_nemotron_h_path(directory: str | os.PathLike[str], **kwargs: object) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         build_tiny_nemotron_h(path, **kwargs)
     return path
+
+
+def model_by_name(name: str, scratch: str | os.PathLike[str]) -> str:
+    """A model path from a benchmark's ``--model`` value.
+
+    ``tiny_nemotron_h`` builds the tiny GGUF in ``scratch``, ``smollm2`` is the packaged
+    SmolLM2; anything else is taken as a GGUF path.
+    """
+    if name == 'tiny_nemotron_h':
+        return str(tiny_nemotron_h_path(scratch))
+    if name == 'smollm2':
+        return str(smollm2_gguf_path())
+    return name
