@@ -243,6 +243,7 @@ class TemplateFormat(PromptFormat):
             raise PromptFormatError(f'the chat template does not compile: {exc}') from None
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self._probe_prefixes: dict[tuple[str, bool], str] = {}
 
     def render(self, messages: Sequence[Message], tools: Sequence[ToolSpec] = (), *,
                thinking: bool = False) -> RenderedPrompt:
@@ -250,10 +251,26 @@ class TemplateFormat(PromptFormat):
         head = system_text(system, tools, render_call_menu)
         turns = _plain_turns(rest, self.guard)
         text = self._render(head, turns, thinking, generation=True)
-        probes = [self._render(head, [{'role': 'user', 'content': p}], thinking, False)
-                  for p in _PROBES]
-        prefix = _common_prefix(*probes, text)
+        prefix = _common_prefix(self._probe_prefix(head, thinking), text)
         return RenderedPrompt(prefix=prefix[:prefix.rfind('\n') + 1], text=text)
+
+    def _probe_prefix(self, head: str, thinking: bool) -> str:
+        """What every conversation after ``head`` starts with (found by rendering probes).
+
+        It depends on the system text and the thinking switch only, which stay the same for
+        every request and task step, so it is rendered once per pair, not per request (a
+        template render costs about a millisecond).
+        """
+        key = (head, thinking)
+        cached = self._probe_prefixes.get(key)
+        if cached is None:
+            probes = [self._render(head, [{'role': 'user', 'content': p}], thinking, False)
+                      for p in _PROBES]
+            cached = _common_prefix(*probes)
+            if len(self._probe_prefixes) >= 8:
+                self._probe_prefixes.clear()
+            self._probe_prefixes[key] = cached
+        return cached
 
     def _render(self, system: str, turns: list[dict], thinking: bool, generation: bool) -> str:
         with_system = ([{'role': 'system', 'content': system}] if system else []) + turns
