@@ -223,11 +223,7 @@ class ExecuteCaller:
 
     def __init__(self, ros) -> None:
         self.node, self.executor = ros.private_node(f'execute_caller_{uuid.uuid4().hex[:6]}')
-        # Deep service readers: 20 results answered at once must not overwrite each other.
-        self.client = ActionClient(self.node, Execute, 'execute',
-                                   goal_service_qos_profile=DEEP_QOS,
-                                   result_service_qos_profile=DEEP_QOS,
-                                   cancel_service_qos_profile=DEEP_QOS)
+        self._make_clients()
         self.feedback: dict[bytes, list[tuple[int, Execute.Feedback]]] = defaultdict(list)
         #: goal -> (source timestamp of its first terminal status, that status)
         self.terminal: dict[bytes, tuple[int, int]] = {}
@@ -240,6 +236,13 @@ class ExecuteCaller:
             QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000,
                        reliability=ReliabilityPolicy.RELIABLE,
                        durability=DurabilityPolicy.TRANSIENT_LOCAL))
+
+    def _make_clients(self) -> None:
+        # Deep service readers: 20 results answered at once must not overwrite each other.
+        self.client = ActionClient(self.node, Execute, 'execute',
+                                   goal_service_qos_profile=DEEP_QOS,
+                                   result_service_qos_profile=DEEP_QOS,
+                                   cancel_service_qos_profile=DEEP_QOS)
         self._cancel = self.node.create_client(CancelGoal, 'execute/_action/cancel_goal',
                                                qos_profile=DEEP_QOS)
 
@@ -261,8 +264,23 @@ class ExecuteCaller:
         return any(fb.completion_tokens > 0 for _stamp, fb in self.feedback.get(key, []))
 
     def ready(self, timeout: float = 10.0) -> bool:
-        return self.client.wait_for_server(timeout_sec=timeout) and \
-            self._cancel.wait_for_service(timeout_sec=timeout)
+        """Wait for the execute server; new clients when the old ones do not match in time.
+
+        In about one fresh rclpy context in twenty (many contexts in one process), a new action
+        client never matched the server although the graph listed its services; the plan
+        client of the same node had matched. Clients created anew then get a fresh chance.
+        """
+        end = time.monotonic() + timeout
+        while True:
+            attempt = max(0.0, min(5.0, end - time.monotonic()))
+            if self.client.wait_for_server(timeout_sec=attempt) and \
+                    self._cancel.wait_for_service(timeout_sec=attempt):
+                return True
+            if time.monotonic() >= end:
+                return False
+            self.client.destroy()
+            self.node.destroy_client(self._cancel)
+            self._make_clients()
 
     def graph(self) -> str:
         """What this caller's node sees of the action, for a failure message."""

@@ -257,7 +257,7 @@ def test_execute_cancel_while_waiting_ends_canceled_once(ros, task_node, state) 
     _node, client, _confirm = task_node()
     executor = FakeExecutor(ros, answer=None)
     caller = ExecuteCaller(ros)
-    assert wait_for(executor.connected, 10.0) and caller.ready()
+    assert wait_for(executor.connected, 10.0) and caller.ready(30.0)
     tool = 'get_battery' if state == 'waiting_for_results' else 'open_door'
     handle = caller.accepted(Execute.Goal(goal='Do it', allowed_tools=[tool], max_steps=3,
                                           latency_budget_ms=60000))
