@@ -99,7 +99,7 @@ class Client:
 
 #: Test-side readers of answers and burst publishers of requests: reliable and deep enough that
 #: the test itself never drops a request or an answer, so any loss is the node's.
-DEEP_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10_000,
+DEEP_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000,
                       reliability=ReliabilityPolicy.RELIABLE,
                       durability=DurabilityPolicy.VOLATILE)
 #: ``Action.STATUS_*`` value -> name without the prefix, for messages and reports.
@@ -209,6 +209,19 @@ def node_status(client: Client, node_name: str) -> Optional[DiagnosticStatus]:
 
 def status_values(status: Optional[DiagnosticStatus]) -> dict[str, str]:
     return {} if status is None else {kv.key: kv.value for kv in status.values}
+
+
+def ready_execute_caller(ros, timeout: float = 30.0) -> ExecuteCaller:
+    """An ExecuteCaller that sees the execute server; a new caller node when one never does.
+
+    See :meth:`ExecuteCaller.ready`: in full-suite runs (hundreds of contexts in one
+    process) a caller's action client sometimes never matched the server.
+    """
+    for _attempt in range(3):
+        caller = ExecuteCaller(ros)
+        if caller.ready(timeout / 3):
+            return caller
+    raise AssertionError(f'the execute action server was not found: {caller.graph()}')
 
 
 class ExecuteCaller:

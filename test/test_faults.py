@@ -42,6 +42,7 @@ from node_harness import (  # noqa: E402
     engine_activity,
     inject_class_fault,
     inject_fault,
+    ready_execute_caller,
     state_label,
 )
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
@@ -135,9 +136,7 @@ def tiny_node(ros, node_factory, tiny_model):
         assert wait_for(client.connected, 10.0)
         if not execute:
             return node, client, None
-        caller = ExecuteCaller(ros)
-        assert caller.ready(30.0), f'the execute action server was not found: {caller.graph()}'
-        return node, client, caller
+        return node, client, ready_execute_caller(ros)
     return make
 
 

@@ -24,6 +24,7 @@ from node_harness import (  # noqa: E402
     ExecuteCaller,
     FakeExecutor,
     node_status,
+    ready_execute_caller,
     status_values,
 )
 
@@ -256,8 +257,8 @@ def test_plan_gets_its_step_actions_and_only_intermediate_calls_are_published(
 def test_execute_cancel_while_waiting_ends_canceled_once(ros, task_node, state) -> None:
     _node, client, _confirm = task_node()
     executor = FakeExecutor(ros, answer=None)
-    caller = ExecuteCaller(ros)
-    assert wait_for(executor.connected, 10.0) and caller.ready(30.0)
+    caller = ready_execute_caller(ros)
+    assert wait_for(executor.connected, 10.0)
     tool = 'get_battery' if state == 'waiting_for_results' else 'open_door'
     handle = caller.accepted(Execute.Goal(goal='Do it', allowed_tools=[tool], max_steps=3,
                                           latency_budget_ms=60000))
