@@ -100,6 +100,10 @@ class RosHarness:
             node.destroy_node()
         rclpy.shutdown(context=self.context)
         self._thread.join(timeout=5.0)
+        # Shutdown alone keeps the DDS participant until garbage collection; hundreds of
+        # lingering participants in one test process slowed discovery until new action
+        # clients sometimes never matched their server.
+        self.context.destroy()
 
 
 @pytest.fixture
