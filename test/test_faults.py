@@ -42,7 +42,7 @@ from node_harness import (  # noqa: E402
     engine_activity,
     inject_class_fault,
     inject_fault,
-    ready_execute_caller,
+    serve_execute,
     state_label,
 )
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
@@ -131,12 +131,15 @@ def tiny_node(ros, node_factory, tiny_model):
     """An active node on the tiny model, a connected Client and, for tests that send goals
     (``execute=True``), a ready ExecuteCaller (else None)."""
     def make(execute: bool = False, **extra):
-        node = node_factory(tiny_model, **extra)
+        if not execute:
+            node = node_factory(tiny_model, **extra)
+            client = Client(ros)
+            assert wait_for(client.connected, 10.0)
+            return node, client, None
+        node, caller = serve_execute(ros, lambda: node_factory(tiny_model, **extra))
         client = Client(ros)
         assert wait_for(client.connected, 10.0)
-        if not execute:
-            return node, client, None
-        return node, client, ready_execute_caller(ros)
+        return node, client, caller
     return make
 
 

@@ -24,7 +24,7 @@ from node_harness import (  # noqa: E402
     ExecuteCaller,
     FakeExecutor,
     node_status,
-    ready_execute_caller,
+    serve_execute,
     status_values,
 )
 
@@ -62,19 +62,38 @@ def held_only_tools(tmp_path: Path) -> str:
     return str(path)
 
 
+def _task_params(tools_file: str, overrides: dict) -> dict:
+    return {'tools_file': tools_file, 'tool_choice': 'required', 'max_tokens': 48,
+            'max_tool_calls': 1, 'tool_result_timeout_ms': 20000,
+            'confirmation_timeout_ms': 20000, **overrides}
+
+
+def _connected_client(ros) -> tuple[Client, object]:
+    client = Client(ros)
+    confirm = client.node.create_client(Confirm, 'confirm')
+    assert wait_for(lambda: client.connected() and confirm.service_is_ready(), 10.0)
+    return client, confirm
+
+
 @pytest.fixture
 def task_node(ros, node_factory, tiny_model, tools_file):
     """Make an active node for tasks (``overrides`` on top of the task defaults)."""
 
     def make(**overrides):
-        params = {'tools_file': tools_file, 'tool_choice': 'required', 'max_tokens': 48,
-                  'max_tool_calls': 1, 'tool_result_timeout_ms': 20000,
-                  'confirmation_timeout_ms': 20000, **overrides}
-        node = node_factory(tiny_model, **params)
-        client = Client(ros)
-        confirm = client.node.create_client(Confirm, 'confirm')
-        assert wait_for(lambda: client.connected() and confirm.service_is_ready(), 10.0)
-        return node, client, confirm
+        node = node_factory(tiny_model, **_task_params(tools_file, overrides))
+        return (node, *_connected_client(ros))
+
+    return make
+
+
+@pytest.fixture
+def task_node_with_caller(ros, node_factory, tiny_model, tools_file):
+    """Like ``task_node``, plus an ExecuteCaller that sees the node's execute server."""
+
+    def make(**overrides):
+        node, caller = serve_execute(
+            ros, lambda: node_factory(tiny_model, **_task_params(tools_file, overrides)))
+        return (node, *_connected_client(ros), caller)
 
     return make
 
@@ -254,10 +273,10 @@ def test_plan_gets_its_step_actions_and_only_intermediate_calls_are_published(
 
 
 @pytest.mark.parametrize('state', ['waiting_for_results', 'waiting_for_confirmation'])
-def test_execute_cancel_while_waiting_ends_canceled_once(ros, task_node, state) -> None:
-    _node, client, _confirm = task_node()
+def test_execute_cancel_while_waiting_ends_canceled_once(ros, task_node_with_caller,
+                                                         state) -> None:
+    _node, _client, _confirm, caller = task_node_with_caller()
     executor = FakeExecutor(ros, answer=None)
-    caller = ready_execute_caller(ros)
     assert wait_for(executor.connected, 10.0)
     tool = 'get_battery' if state == 'waiting_for_results' else 'open_door'
     handle = caller.accepted(Execute.Goal(goal='Do it', allowed_tools=[tool], max_steps=3,
