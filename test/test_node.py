@@ -16,8 +16,7 @@ from conftest import spin_until, wait_for
 rclpy = pytest.importorskip('rclpy', reason='rclpy is not installed: run tools/setup.sh')
 
 from action_msgs.msg import GoalStatus  # noqa: E402
-from node_harness import SUCCESS, Client, state_label  # noqa: E402
-from rclpy.action import ActionClient  # noqa: E402
+from node_harness import SUCCESS, Client, serve_execute, state_label  # noqa: E402
 from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
 
@@ -121,12 +120,8 @@ def test_observation_text_reaches_the_model_as_inert_data(served) -> None:
 
 def test_execute_streams_feedback_and_cancel_ends_canceled(ros, node_factory,
                                                            tiny_model) -> None:
-    node_factory(tiny_model, max_tokens=4000)
-    client = Client(ros)
-    assert wait_for(client.connected, 10.0)
-    action_node, executor = ros.private_node('execute_caller')
-    execute_client = ActionClient(action_node, Execute, 'execute')
-    assert execute_client.wait_for_server(timeout_sec=10.0)
+    _node, caller = serve_execute(ros, lambda: node_factory(tiny_model, max_tokens=4000))
+    execute_client, executor = caller.client, caller.executor
     events: list[str] = []
     feedback = []
 
@@ -161,11 +156,9 @@ def test_execute_streams_feedback_and_cancel_ends_canceled(ros, node_factory,
 
 
 def test_execute_goals_are_rejected_while_inactive(ros, node_factory, tiny_model) -> None:
-    node = node_factory(tiny_model, activate=False)
+    node, caller = serve_execute(ros, lambda: node_factory(tiny_model, activate=False))
+    execute_client, executor = caller.client, caller.executor
     assert node.trigger_configure() == SUCCESS
-    action_node, executor = ros.private_node('inactive_caller')
-    execute_client = ActionClient(action_node, Execute, 'execute')
-    assert execute_client.wait_for_server(timeout_sec=10.0)
     sent = execute_client.send_goal_async(Execute.Goal(goal='Go to the kitchen'))
     assert spin_until(executor, sent.done, 10.0)
     assert not sent.result().accepted
