@@ -147,9 +147,9 @@ def test_a_signal_during_configure_ends_the_process_cleanly_within_2_s(
     process = launch(model_path=_smollm2(), **SLOW_CONFIGURE)
     lifecycle = _lifecycle(ros, process)
     configure = lifecycle.change_async(Transition.TRANSITION_CONFIGURE)
-    # The scenario, not a synchronization: the operator presses Ctrl-C half a second into
-    # configure. The assertion below makes sure configure was indeed still running.
-    time.sleep(0.5)
+    # The operator presses Ctrl-C while configure runs: wait until the node says it does.
+    assert wait_for(lambda: lifecycle.state() == 'configuring', 20.0), \
+        'configure never started'
     assert not configure.done(), 'configure had already finished: nothing to interrupt'
     signaled = time.monotonic()
     process.send_signal(signum)

@@ -673,7 +673,7 @@ class EngineFakeBackend(Backend):
         for _ in range(min(3, request.sampling.max_tokens)):
             if request.cancel is not None and request.cancel.cancelled:
                 return GenerationResult(finish_reason=request.cancel.reason, usage=usage)
-            time.sleep(0.001)
+            time.sleep(0.001)  # stands in for one decode step of a real backend
             usage.completion_tokens += 1
         usage.decode_s = 0.002
         return GenerationResult(text='ok', usage=usage)
@@ -760,7 +760,7 @@ def _race_once(engine, transition: str, delay_s: float, prefix: str
 
     def transitioner() -> None:
         barrier.wait()
-        time.sleep(delay_s)
+        time.sleep(delay_s)  # the race's offset (swept by the caller), not a synchronization
         if transition == 'close':
             engine.close('shutting down')
         elif transition == 'deactivate':
