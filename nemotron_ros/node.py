@@ -665,7 +665,11 @@ class _FeedbackStream:
 
 
 class _TopicListener:
-    """A topic command's task: every step Action on ``actions``, calls on ``tool_calls``."""
+    """A topic command's task: every step Action on ``actions``, calls on ``tool_calls``.
+
+    Released calls go to the executors and held ones to operators the same way for every
+    request kind; :class:`_CallerListener` only changes where the steps go.
+    """
 
     def __init__(self, node: NemotronNode) -> None:
         self._node = node
@@ -683,7 +687,7 @@ class _TopicListener:
         pass
 
 
-class _CallerListener:
+class _CallerListener(_TopicListener):
     """A ``plan`` call's or ``execute`` goal's task: the caller gets (final, steps).
 
     Calls of steps that await results go to the executors on ``tool_calls``; the final step's
@@ -692,7 +696,7 @@ class _CallerListener:
 
     def __init__(self, node: NemotronNode, future: Future,
                  feedback: Optional[_FeedbackStream]) -> None:
-        self._node = node
+        super().__init__(node)
         self._future = future
         self._feedback = feedback
         self._steps: list[Action] = []
@@ -706,12 +710,6 @@ class _CallerListener:
         self._steps.append(action)
         if self._feedback is not None:
             self._feedback.on_step(action)
-
-    def release(self, call: TaskCall) -> None:
-        self._node._release(call)
-
-    def pending(self, call: TaskCall) -> None:
-        self._node._announce(call)
 
     def state(self, step: int, state: TaskState) -> None:
         if self._feedback is not None:

@@ -142,10 +142,6 @@ class LlamaBackend(Backend):
         with self._guard.use():
             return len(self._require().tokenize(text))
 
-    def count_new_tokens(self, request: GenerationRequest) -> int:
-        with self._guard.use():
-            return super().count_new_tokens(request)
-
     def reuses_prefix(self, prefix: str) -> bool:
         cached_text, tokens = self._prefix_encoding
         kept = self._prefix_tokens
