@@ -42,7 +42,6 @@ class Intake(Generic[Item]):
         self._capacity = capacity
         self._items: deque[Item] = deque()
         self._cv = threading.Condition()
-        self._busy = False
         self._closed = False
         self.accepted = 0
         self.refused = 0
@@ -64,11 +63,6 @@ class Intake(Generic[Item]):
             self._cv.notify()
             return True
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until every queued item has been submitted; False on timeout."""
-        with self._cv:
-            return self._cv.wait_for(lambda: not self._items and not self._busy, timeout)
-
     def close(self, timeout: float = 5.0) -> bool:
         """Submit what is queued, refuse new items and stop the worker; False on timeout."""
         with self._cv:
@@ -85,7 +79,6 @@ class Intake(Generic[Item]):
                 if not self._items:
                     return
                 item = self._items.popleft()
-                self._busy = True
             try:
                 self._submit(item)
             except Exception as exc:  # every request still gets its answer
@@ -94,7 +87,3 @@ class Intake(Generic[Item]):
                     self._fail(item, exc)
                 except Exception:
                     _LOG.exception('intake: answering a failed request failed')
-            finally:
-                with self._cv:
-                    self._busy = False
-                    self._cv.notify_all()

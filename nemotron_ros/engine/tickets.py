@@ -328,10 +328,6 @@ class RequestQueue:
         """The waiting requests in the order they will run."""
         return sorted(self._items, key=self.key)
 
-    def ahead_of(self, ticket: Ticket) -> list[Ticket]:
-        key = self.key(ticket)
-        return [t for t in self._items if self.key(t) < key]
-
     def drain(self) -> list[Ticket]:
         items, self._items = self._items, []
         return items
