@@ -214,7 +214,7 @@ def status_values(status: Optional[DiagnosticStatus]) -> dict[str, str]:
 
 
 def serve_execute(ros, make_node: Callable[[], NemotronNode],
-                  timeout: float = 10.0) -> tuple[NemotronNode, ExecuteCaller]:
+                  timeout: float = 20.0) -> tuple[NemotronNode, ExecuteCaller]:
     """A node from ``make_node`` and an ExecuteCaller that sees its execute server.
 
     In full-suite runs (hundreds of rclpy contexts in one process) a new action client
