@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nemotron_ros.engine.llama_backend import LlamaBackend, LlamaConfig  # noqa: E402
+from nemotron_ros.engine.backends.llama.backend import LlamaBackend, LlamaConfig  # noqa: E402
 from nemotron_ros.engine.tools import ToolRegistry  # noqa: E402
 from nemotron_ros.engine.types import GenerationRequest, Message, SamplingParams  # noqa: E402
 

@@ -118,7 +118,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def _load_backend(args: argparse.Namespace):
-    from nemotron_ros.engine.llama_backend import LlamaBackend, LlamaConfig
+    from nemotron_ros.engine.backends.llama.backend import LlamaBackend, LlamaConfig
     from nemotron_ros.engine.tools import ToolRegistry
     from nemotron_ros.testing import models
 

@@ -130,8 +130,8 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     import xgrammar  # noqa: F401
     from transformers import AutoTokenizer, DynamicCache, NemotronHForCausalLM  # noqa: F401
 
+    from nemotron_ros.engine.backends.torch.backend import TorchBackend, TorchConfig
     from nemotron_ros.engine.tools import ToolRegistry
-    from nemotron_ros.engine.torch_backend import TorchBackend, TorchConfig
     from nemotron_ros.engine.types import GenerationRequest, Message, SamplingParams
 
     backend = TorchBackend(TorchConfig(model_path=args.worker, device=args.device,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from nemotron_ros.engine.backend import BackendError, RequestError
-from nemotron_ros.engine.llama_backend import LlamaBackend, LlamaConfig
+from nemotron_ros.engine.backends import BackendError, RequestError
+from nemotron_ros.engine.backends.llama.backend import LlamaBackend, LlamaConfig
 from nemotron_ros.engine.tools import ToolRegistry
 from nemotron_ros.engine.types import (
     CancelToken,

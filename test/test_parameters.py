@@ -23,8 +23,8 @@ from rclpy.parameter import Parameter  # noqa: E402
 
 from nemotron_ros import parameters  # noqa: E402
 from nemotron_ros.engine import packaged_models, settings  # noqa: E402
+from nemotron_ros.engine.backends.llama.backend import LlamaConfig  # noqa: E402
 from nemotron_ros.engine.config import EngineConfig  # noqa: E402
-from nemotron_ros.engine.llama_backend import LlamaConfig  # noqa: E402
 from nemotron_ros.engine.runtime import Engine, EngineLoadError  # noqa: E402
 from nemotron_ros.engine.types import SamplingParams  # noqa: E402
 from nemotron_ros.engine.world_state import WorldState  # noqa: E402

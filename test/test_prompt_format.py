@@ -363,8 +363,8 @@ def test_tools_section_follows_the_chat_template_key_order(registry: ToolRegistr
 def real_model(request, tmp_path_factory):
     """(backend, tokenizer context) for a real GGUF: its format as load() picks it."""
     pytest.importorskip('llama_cpp', reason='llama-cpp-python is not installed')
-    from nemotron_ros.engine.llama_backend import LlamaBackend, LlamaConfig
-    from nemotron_ros.engine.llama_context import LlamaContext
+    from nemotron_ros.engine.backends.llama.backend import LlamaBackend, LlamaConfig
+    from nemotron_ros.engine.backends.llama.context import LlamaContext
     from nemotron_ros.testing import models
 
     if request.param == 'smollm2':

@@ -16,7 +16,7 @@ from typing import Optional
 
 import pytest
 
-from nemotron_ros.engine.backend import Backend, ModelGuard, ModelInfo
+from nemotron_ros.engine.backends import Backend, ModelGuard, ModelInfo
 from nemotron_ros.engine.estimator import EstimatorConfig
 from nemotron_ros.engine.scheduler import (
     Outcome,
@@ -857,7 +857,7 @@ LONG_PROMPT = 'Count from 1 to 500, one number per line, without stopping.'
 @pytest.fixture(scope='module', params=REAL_MODELS)
 def real_backend(request, tmp_path_factory):
     pytest.importorskip('llama_cpp', reason='llama-cpp-python is not installed')
-    from nemotron_ros.engine.llama_backend import LlamaBackend, LlamaConfig
+    from nemotron_ros.engine.backends.llama.backend import LlamaBackend, LlamaConfig
     from nemotron_ros.testing import models
 
     if request.param == 'smollm2':
@@ -1036,8 +1036,8 @@ def test_real_budget_cut_answer_reports_usage_by_the_deadline(real_scheduler):
 
 def test_real_unload_waits_for_the_running_generation(tmp_path):
     pytest.importorskip('llama_cpp', reason='llama-cpp-python is not installed')
-    from nemotron_ros.engine.backend import BackendError
-    from nemotron_ros.engine.llama_backend import LlamaBackend, LlamaConfig
+    from nemotron_ros.engine.backends import BackendError
+    from nemotron_ros.engine.backends.llama.backend import LlamaBackend, LlamaConfig
     from nemotron_ros.testing import models
 
     path = models.tiny_nemotron_h_path(tmp_path)

@@ -30,17 +30,18 @@ pytest.importorskip('xgrammar')
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from nemotron_ros.engine.backend import BackendError, RequestError, create_backend  # noqa: E402
-from nemotron_ros.engine.grammar import build_grammar  # noqa: E402
-from nemotron_ros.engine.modelopt_fp8 import FP8Linear, fp8_matmul_supported  # noqa: E402
-from nemotron_ros.engine.tool_parser import render_tool_call  # noqa: E402
-from nemotron_ros.engine.tools import ToolRegistry  # noqa: E402
-from nemotron_ros.engine.torch_backend import TorchBackend, TorchConfig  # noqa: E402
-from nemotron_ros.engine.torch_checkpoint import (  # noqa: E402
+from nemotron_ros.engine.backends import BackendError, RequestError, create_backend  # noqa: E402
+from nemotron_ros.engine.backends.torch.backend import TorchBackend, TorchConfig  # noqa: E402
+from nemotron_ros.engine.backends.torch.checkpoint import (  # noqa: E402
     CheckpointError,
     fp8_tensor_names,
     load_checkpoint,
 )
+from nemotron_ros.engine.backends.torch.modelopt_fp8 import FP8Linear, fp8_matmul_supported  # noqa: E402
+from nemotron_ros.engine.backends.torch.xgrammar_constraint import GrammarBackend  # noqa: E402
+from nemotron_ros.engine.grammar import build_grammar  # noqa: E402
+from nemotron_ros.engine.tool_parser import render_tool_call  # noqa: E402
+from nemotron_ros.engine.tools import ToolRegistry  # noqa: E402
 from nemotron_ros.engine.types import (  # noqa: E402
     CancelToken,
     FinishReason,
@@ -49,7 +50,6 @@ from nemotron_ros.engine.types import (  # noqa: E402
     SamplingParams,
     ToolChoice,
 )
-from nemotron_ros.engine.xgrammar_constraint import GrammarBackend  # noqa: E402
 from nemotron_ros.testing.tiny_hf import tiny_hf_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .backend import Backend, BackendError, ModelInfo, create_backend
+from .backends import Backend, BackendError, ModelInfo, create_backend
 from .config import EngineConfig
 from .json_input import loads_bounded
 from .packaged_models import smollm2_gguf_path

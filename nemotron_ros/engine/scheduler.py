@@ -65,7 +65,7 @@ from dataclasses import replace
 from typing import Optional
 
 from .admission import Admission
-from .backend import Backend, RequestError
+from .backends import Backend, RequestError
 from .estimator import Estimate, EstimatorConfig, RateEstimator, Rates
 from .outcomes import classify, count_dropped
 from .tickets import (

@@ -162,7 +162,7 @@ def _calibrate(model_dir: Path, prompts: Sequence[str]) -> dict[str, float]:
     import torch
     from transformers import AutoTokenizer
 
-    from nemotron_ros.engine.torch_checkpoint import load_checkpoint
+    from nemotron_ros.engine.backends.torch.checkpoint import load_checkpoint
 
     model = load_checkpoint(model_dir, device=torch.device('cpu'),
                             dtype=torch.bfloat16).model

@@ -1,8 +1,4 @@
-"""The backend interface every model runtime implements, and the factory that picks one.
-
-The factory imports a backend only inside its own branch, so llama.cpp users never load
-torch and the other way round.
-"""
+"""The backend interface every model runtime implements, and what the runtimes share."""
 
 from __future__ import annotations
 
@@ -10,15 +6,15 @@ import abc
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
-from .grammar import build_grammar
-from .prompt_format import PromptFormat, RenderedPrompt
-from .tool_parser import parse_output, validate_calls
-from .tools import ToolRegistry, ToolSpec
-from .types import (
+from ..grammar import build_grammar
+from ..prompt_format import PromptFormat, RenderedPrompt
+from ..tool_parser import parse_output, validate_calls
+from ..tools import ToolRegistry, ToolSpec
+from ..types import (
     CancelToken,
     FinishReason,
     GenerationRequest,
@@ -247,13 +243,3 @@ class Backend(abc.ABC):
         """True when a generation whose prompt starts with ``prefix`` skips evaluating it."""
         return False
 
-
-def create_backend(kind: str, tools: ToolRegistry, options: Mapping[str, Any]) -> Backend:
-    """Build the backend named ``kind`` ('llama_cpp' or 'torch') with its options."""
-    if kind == 'llama_cpp':
-        from .llama_backend import LlamaBackend, LlamaConfig
-        return LlamaBackend(LlamaConfig(**options), tools)
-    if kind == 'torch':
-        from .torch_backend import TorchBackend, TorchConfig
-        return TorchBackend(TorchConfig(**options), tools)
-    raise ValueError(f"backend must be one of 'llama_cpp', 'torch'; got {kind!r}")

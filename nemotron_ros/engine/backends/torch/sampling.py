@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .types import SamplingParams
+from ...types import SamplingParams
 
 PENALTY_WINDOW = 64
 """Generated tokens the repeat penalty looks back on (llama.cpp's default ``penalty_last_n``)."""

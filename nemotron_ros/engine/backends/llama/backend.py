@@ -16,19 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
-from . import settings
-from .backend import Backend, BackendError, ModelGuard, ModelInfo, Stopper
-from .llama_context import ContextOptions, DecodeAbortedError, LlamaContext, LlamaLoadError
-from .llama_sampler import GrammarCache, SamplerChain
-from .prompt_format import select_prompt_format, vocab_markers
-from .tools import ToolRegistry
-from .types import (
+from ... import settings
+from ...prompt_format import select_prompt_format, vocab_markers
+from ...tools import ToolRegistry
+from ...types import (
     CancelToken,
     FinishReason,
     GenerationRequest,
     GenerationResult,
     Usage,
 )
+from ..base import Backend, BackendError, ModelGuard, ModelInfo, Stopper
+from .context import ContextOptions, DecodeAbortedError, LlamaContext, LlamaLoadError
+from .sampler import GrammarCache, SamplerChain
 
 PREFIX_SEQ = 1
 WORK_SEQ = 0

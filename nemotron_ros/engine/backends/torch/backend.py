@@ -2,7 +2,7 @@
 
 Why a second runtime: NVIDIA ships Nemotron 3 Nano as a ModelOpt FP8 checkpoint that runs up
 to 1.8x faster than BF16 on GPUs with FP8 tensor cores, which llama.cpp cannot read. This
-backend loads such a directory (or a BF16 one) with :mod:`.torch_checkpoint`, runs
+backend loads such a directory (or a BF16 one) with :mod:`.checkpoint`, runs
 transformers' own NemotronH modelling code, and keeps every guarantee of the llama.cpp
 backend behind the same :class:`~.backend.Backend` interface:
 
@@ -41,13 +41,13 @@ from typing import Any, Optional
 
 import torch
 
-from . import settings
-from .backend import Backend, BackendError, ModelGuard, ModelInfo, Stopper
-from .prompt_format import select_prompt_format, vocab_markers
-from .tools import ToolRegistry
-from .torch_checkpoint import CheckpointError, load_checkpoint
-from .torch_sampling import Sampler
-from .types import CancelToken, FinishReason, GenerationRequest, GenerationResult, Usage
+from ... import settings
+from ...prompt_format import select_prompt_format, vocab_markers
+from ...tools import ToolRegistry
+from ...types import CancelToken, FinishReason, GenerationRequest, GenerationResult, Usage
+from ..base import Backend, BackendError, ModelGuard, ModelInfo, Stopper
+from .checkpoint import CheckpointError, load_checkpoint
+from .sampling import Sampler
 from .xgrammar_constraint import GrammarBackend, RequestGrammar
 
 DTYPES = {'auto': torch.bfloat16, 'bfloat16': torch.bfloat16, 'float16': torch.float16,

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from . import settings
+from ... import settings
 from .modelopt_fp8 import (
     KV_SCALE_SUFFIXES,
     FP8Linear,

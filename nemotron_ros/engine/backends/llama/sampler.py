@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import llama_cpp
 
-from .types import SamplingParams
+from ...types import SamplingParams
 
 
 class GrammarError(ValueError):

@@ -1,0 +1,1 @@
+"""llama.cpp runtime (GGUF) through llama-cpp-python's low-level ctypes API."""
