@@ -39,6 +39,8 @@ from .engine.perception_config import PerceptionConfigError, PerceptionEntry, pa
 from .engine.world_state import Observation
 
 PACKAGE_PREFIX = 'package://'
+#: Skipped observations are logged at most once per this period per entry.
+LOG_PERIOD_S = 5.0
 
 
 def message_class(type_name: str) -> type:
@@ -126,6 +128,7 @@ class _Source:
         self.cls = message_class(entry.type_name)
         self.owner = owner
         self.last_kept = -float('inf')
+        self.last_log = -float('inf')
         self.messages = 0
         self.kept = 0
         self.dropped = 0
@@ -151,10 +154,11 @@ class _Source:
             observations, skipped = [], [f'{type(exc).__name__}: {exc}']
         if skipped:
             self.bad += len(skipped)
-            owner.node.get_logger().warning(
-                f'perception {self.entry.name}: skipped {len(skipped)} observation(s) of a '
-                f'{self.entry.type_name} on {self.entry.topic}: {skipped[0]}',
-                throttle_duration_sec=5.0)
+            if started - self.last_log >= LOG_PERIOD_S:  # throttled per source, not per line
+                self.last_log = started
+                owner.node.get_logger().warning(
+                    f'perception {self.entry.name}: skipped {len(skipped)} observation(s) of a '
+                    f'{self.entry.type_name} on {self.entry.topic}: {skipped[0]}')
 
 
 class Perception:
