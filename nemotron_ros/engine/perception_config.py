@@ -289,12 +289,12 @@ class PerceptionEntry:
         if self.stamp is not None:
             time = self.stamp.get(element, message)
             stamp = (time.sec + time.nanosec * 1e-9) or now
+        source, label = self.source.read(element, message), self.label.read(element, message)
         confidence = self.confidence
         if isinstance(confidence, Value):
             confidence = confidence.number(element, message)
         return Observation(
-            source=self.source.read(element, message), label=self.label.read(element, message),
-            stamp=stamp, confidence=confidence,
+            source=source, label=label, stamp=stamp, confidence=confidence,
             pose=None if self.pose is None else self.pose.read(element, message),
             attributes={name: value.read(element, message) for name, value in self.attributes},
             ttl_s=self.ttl_s,
@@ -423,7 +423,7 @@ class _EntryParser:
             extra = set(spec) - {'field', 'map'}
             if extra or 'field' not in spec:
                 raise self._error(key, 'expected a field path or {field: path, map: {value: '
-                                  f'name}}, got keys {sorted(map(str, spec))}')
+                                  f'name}}}}, got keys {sorted(map(str, spec))}')
             names = spec.get('map') or {}
             if not isinstance(names, Mapping) or not all(
                     isinstance(v, str) and v for v in names.values()):
