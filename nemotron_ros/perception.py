@@ -120,7 +120,7 @@ def entry_qos(entry: PerceptionEntry) -> QoSProfile:
                       reliability=reliability, durability=DurabilityPolicy.VOLATILE)
 
 
-class _Source:
+class PerceptionSource:
     """One entry's subscription and counts (only touched from the perception group)."""
 
     def __init__(self, entry: PerceptionEntry, owner: Perception) -> None:
@@ -176,13 +176,13 @@ class Perception:
         self.active = active
         self.now = now
         self._group = MutuallyExclusiveCallbackGroup()
-        self._sources: list[_Source] = []
+        self._sources: list[PerceptionSource] = []
 
     def start(self, entries: list[PerceptionEntry]) -> None:
         """Subscribe to every entry's topic (after any previous subscriptions are gone)."""
         self.stop()
         for entry in entries:
-            source = _Source(entry, self)
+            source = PerceptionSource(entry, self)
             source.subscription = self.node.create_subscription(
                 source.cls, entry.topic, source.on_message, entry_qos(entry),
                 callback_group=self._group, raw=True)
