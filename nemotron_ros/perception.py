@@ -144,7 +144,6 @@ class PerceptionSource:
             self.dropped += 1
             return
         self.last_kept = started
-        self.kept += 1
         try:
             message = deserialize_message(data, self.cls)
             observations, skipped = self.entry.observations(message, owner.now())
@@ -152,6 +151,7 @@ class PerceptionSource:
                 owner.observe(observation)
         except Exception as exc:  # a bad message must never end the node
             observations, skipped = [], [f'{type(exc).__name__}: {exc}']
+        self.kept += 1  # counted once its observations are stored
         if skipped:
             self.bad += len(skipped)
             if started - self.last_log >= LOG_PERIOD_S:  # throttled per source, not per line

@@ -42,8 +42,7 @@ _NAME = r'[A-Za-z_][A-Za-z0-9_]*'
 _STEP = re.compile(rf'({_NAME})(?:\[(-?\d+)\])?')
 _TYPE = re.compile(rf'({_NAME})/msg/({_NAME})')
 _NUMBERS = frozenset({'float', 'double', 'long double', 'float32', 'float64', 'int8', 'uint8',
-                      'int16', 'uint16', 'int32', 'uint32', 'int64', 'uint64', 'octet',
-                      'char'})
+                      'int16', 'uint16', 'int32', 'uint32', 'int64', 'uint64', 'octet'})
 _FLOATS = frozenset({'float', 'double', 'long double', 'float32', 'float64'})
 _TEXT = frozenset({'string', 'wstring'})
 #: Pose-bearing geometry types and the steps from each to its ``geometry_msgs/Pose``.
@@ -190,12 +189,14 @@ class Value:
     path: FieldPath
     names: Mapping[Any, str]
 
-    def read(self, element: Any, message: Any) -> Union[str, float, int, bool]:
+    def _raw(self, element: Any, message: Any) -> Any:
         raw = self.path.get(element, message)
         if isinstance(raw, bytes):  # octet fields
-            raw = raw[0] if len(raw) == 1 else raw.hex()
-        if hasattr(raw, 'item'):  # numpy scalars from fixed-size arrays
-            raw = raw.item()
+            return raw[0] if len(raw) == 1 else raw.hex()
+        return raw.item() if hasattr(raw, 'item') else raw  # numpy scalars of fixed arrays
+
+    def read(self, element: Any, message: Any) -> Union[str, float, int, bool]:
+        raw = self._raw(element, message)
         if self.names and raw in self.names:
             return self.names[raw]
         if isinstance(raw, float):
@@ -205,8 +206,7 @@ class Value:
         return raw
 
     def number(self, element: Any, message: Any) -> float:
-        raw = self.path.get(element, message)
-        value = float(raw.item() if hasattr(raw, 'item') else raw)
+        value = float(self._raw(element, message))
         if not math.isfinite(value):
             raise BadValueError(f'{self.path.text} is {value}')
         return value
