@@ -68,6 +68,7 @@ from .engine.tasks import (
 )
 from .intake import Intake
 from .msg import Action, Command, Observation, ToolCall, ToolResult
+from .perception import Perception, load_perception_file
 from .srv import Confirm, Plan
 
 #: Answers must not be lost: reliable, and deep enough for bursts.
@@ -122,6 +123,8 @@ class NemotronNode(LifecycleNode):
         self._pending_cancels: set[bytes] = set()
         self._canceled_ids: set[str] = set()
         self._goal_lock = threading.Lock()
+        self._perception = Perception(self, lambda o: self._engine.observe(o),
+                                      lambda: self._engine.active, self._now_s)
         self._intake: Intake[_Request] = Intake(
             self._submit_now, self._submit_failed, capacity=request_depth,
             name='nemotron-intake')
@@ -201,12 +204,16 @@ class NemotronNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         try:
             config = parameters.engine_config(self)
+            # Checked before the model loads: a bad perception file fails at once.
+            self._perception.start(load_perception_file(config.perception_file))
             info = self._engine.load(config)
             self._tasks.configure(config.task_config())
         except (ValueError, EngineLoadError) as exc:
+            self._perception.stop()
             self.get_logger().error(f'configure failed: {exc}')
             return TransitionCallbackReturn.FAILURE
         except Exception as exc:  # a broken model or backend must not take the node down
+            self._perception.stop()
             self.get_logger().error(f'configure failed: {type(exc).__name__}: {exc}')
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(
@@ -239,6 +246,7 @@ class NemotronNode(LifecycleNode):
         """Answer every task INACTIVE (held calls withdrawn), then stop or free the engine."""
         self._tasks.stop_all(RequestStatus.INACTIVE, reason)
         if unload:
+            self._perception.stop()
             self._engine.close(reason)
         else:
             self._engine.set_active(False, reason)
@@ -551,7 +559,7 @@ class NemotronNode(LifecycleNode):
                        ('intake_waiting', len(self._intake)),
                        ('intake_refused', self._intake.refused),
                        ('callback_errors', self._counts['callback_errors']),
-                       *self._task_values()]
+                       *self._task_values(), *self._perception.diagnostic_values()]
         stats = self._engine.stats()
         info = self._engine.info
         loading = self._engine.load_progress

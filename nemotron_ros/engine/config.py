@@ -70,6 +70,7 @@ class EngineConfig:
     backend: str = default('backend')
     model_path: str = default('model_path')
     tools_file: str = default('tools_file')
+    perception_file: str = default('perception_file')
     system_prompt: str = default('system_prompt')
     n_ctx: int = default('n_ctx')
     n_threads: int = default('n_threads')

