@@ -27,6 +27,23 @@ LONG_SYSTEM_PROMPT = (
 COMMAND = 'Go to the charging dock.'
 
 
+class PausableClock:
+    """The engine's clock: monotonic time, or one instant while a test holds it still.
+
+    The world state renders each observation's age (0.1 s steps), so the same observations
+    render to different text, and token counts, from one call to the next.
+    """
+
+    def __init__(self) -> None:
+        self.held: float | None = None
+
+    def __call__(self) -> float:
+        return time.monotonic() if self.held is None else self.held
+
+
+CLOCK = PausableClock()
+
+
 @pytest.fixture(scope='module')
 def engine():
     from nemotron_ros.engine.config import EngineConfig
@@ -36,7 +53,7 @@ def engine():
         path = models.smollm2_gguf_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    engine = Engine(clock=time.monotonic)
+    engine = Engine(clock=CLOCK)
     engine.load(EngineConfig(model_path=str(path), n_threads=1, tool_choice='required',
                              max_tool_calls=1, system_prompt=LONG_SYSTEM_PROMPT,
                              response_margin_ms=0))
@@ -111,12 +128,21 @@ def test_admission_counts_what_the_backend_evaluates(engine):
 
 def test_admission_counts_the_world_state(engine):
     # With observations in the world state the prompt grows; the door still counts exactly
-    # what is evaluated (here the world state does not change between door and dispatch).
+    # what is evaluated. The clock is held still so that the rendered ages, and with them the
+    # world state's text, stay the same from door to dispatch and from one call to the next.
     now = time.monotonic()
     for index in range(15):
         engine.observe(Observation(source=f'camera{index % 3}', label=f'object {index}',
                                    stamp=now, confidence=0.9, ttl_s=600.0,
                                    attributes={'shelf': index, 'color': 'red'}))
+    CLOCK.held = now + 1.0
+    try:
+        _check_world_state_counts(engine)
+    finally:
+        CLOCK.held = None
+
+
+def _check_world_state_counts(engine: Engine) -> None:
     outcome, _ = _call(engine, 120_000)
     assert outcome.status is RequestStatus.OK, outcome.status_message
     usage = outcome.result.usage

@@ -172,8 +172,9 @@ def test_lifecycle_services_answer_and_diagnostics_report_loading_during_configu
     states = []
     while not configure.done():
         asked = lifecycle.state_async()
-        assert wait_for(asked.done, 1.0), \
-            f'get_state took more than 1 s while configuring (answers so far: {states})'
+        # Generous for a loaded host; configure itself takes far longer than this.
+        assert wait_for(asked.done, 5.0), \
+            f'get_state took more than 5 s while configuring (answers so far: {states})'
         states.append(asked.result().current_state.label)
         wait_for(configure.done, 0.2)
     assert configure.result().success, process.output()
