@@ -595,21 +595,25 @@ def test_admission_counts_the_queue_at_its_real_lengths(make_scheduler, backend)
 
 
 def test_newcomer_that_would_make_an_admitted_request_late_is_refused(make_scheduler, backend):
-    # Answers of 80 tokens (0.4 s) are learned. 'admitted' (1.0 s) fits after the running one;
-    # 'jumper' (0.9 s) would fit itself, but it would run first (earlier deadline) and push
-    # 'admitted' to 1.2 s: the "yes" already given is kept, the newcomer is told "no".
+    # Answers of 80 tokens (A = about 0.4 s) are learned. 'admitted' (2.5 A) fits after the
+    # running one; 'jumper' (2.25 A) would fit itself, but it would run first (earlier
+    # deadline) and push 'admitted' to about 3 A: the "yes" already given is kept, the
+    # newcomer is told "no". Budgets follow the learned A, which a loaded host stretches.
     scheduler = make_scheduler(min_new_tokens=2)
     backend.default_tokens = 80
     _learn_answer_lengths(scheduler)
-    running = scheduler.submit(_request('running', budget_s=5.0))
+    rates = scheduler.rates()
+    answer_s = rates.overhead_s + rates.prefill_s(5) + \
+        rates.decode_s_per_token * rates.completion_tokens
+    running = scheduler.submit(_request('running', budget_s=5.0 + 10 * answer_s))
     backend.wait_started('running')
-    admitted = scheduler.submit(_request('admitted', budget_s=1.0))
+    admitted = scheduler.submit(_request('admitted', budget_s=2.5 * answer_s))
     assert not admitted.done()
-    jumper = scheduler.submit(_request('jumper', budget_s=0.9))
+    jumper = scheduler.submit(_request('jumper', budget_s=2.25 * answer_s))
     assert jumper.done(), 'decided inside submit()'
     assert jumper.result(0).status is RequestStatus.REJECTED_BUDGET
     assert "'admitted'" in jumper.result(0).status_message
-    assert admitted.result(timeout=5).ok and running.result(timeout=5).ok
+    assert admitted.result(timeout=30).ok and running.result(timeout=30).ok
 
 
 # --------------------------------------------------------------------------- engine lifecycle
