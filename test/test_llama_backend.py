@@ -186,6 +186,50 @@ def test_prefix_snapshot_gives_identical_greedy_output(model_dir: Path) -> None:
     assert reused[True][1] == reused[True][2] > prompt_tokens // 2
 
 
+class _GrammarFirst:
+    """The former sampler: the grammar masks the whole vocabulary, then greedy picks."""
+
+    def __init__(self, params: SamplingParams, grammar: object, n_vocab: int,
+                 eog_tokens: object = (), index: object = None) -> None:
+        import llama_cpp
+
+        assert params.temperature == 0.0 and grammar is not None
+        self.chain = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(self.chain, grammar)
+        llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_greedy())
+
+    def sample(self, ctx: object) -> int:
+        import llama_cpp
+
+        return llama_cpp.llama_sampler_sample(self.chain, ctx, -1)
+
+    def __enter__(self) -> _GrammarFirst:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_sampler_free(self.chain)
+
+
+def test_verified_draws_give_the_grammar_first_greedy_output(
+        tiny: LlamaBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Random weights disagree with the grammar at almost every token, end-of-generation
+    # included, so this exercises the rejected-draw path (and its first-byte pre-filter) hard.
+    from nemotron_ros.engine.backends.llama import backend as backend_module
+
+    requests = [GenerationRequest(messages=_messages(text), tools=TOOLS.names,
+                                  tool_choice=choice, sampling=SamplingParams(max_tokens=48))
+                for text in ('Go to the kitchen.', 'Say hello.', 'Look at the door.')
+                for choice in (ToolChoice.AUTO, ToolChoice.REQUIRED)]
+    verified = [tiny.generate(r).raw_text for r in requests]
+    monkeypatch.setattr(backend_module, 'SamplerChain', _GrammarFirst)
+    reference = [tiny.generate(r).raw_text for r in requests]
+    assert verified == reference
+    assert any('<tool_call>' in text for text in verified)
+
+
 def test_prefix_is_rebuilt_when_the_tools_change(tiny: LlamaBackend) -> None:
     def run(tools: list[str]) -> int:
         return tiny.generate(GenerationRequest(

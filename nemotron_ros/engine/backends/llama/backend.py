@@ -28,7 +28,7 @@ from ...types import (
 )
 from ..base import Backend, BackendError, ModelGuard, ModelInfo, Stopper
 from .context import ContextOptions, DecodeAbortedError, LlamaContext, LlamaLoadError
-from .sampler import GrammarCache, SamplerChain
+from .sampler import FirstByteIndex, GrammarCache, SamplerChain
 
 PREFIX_SEQ = 1
 WORK_SEQ = 0
@@ -93,6 +93,7 @@ class LlamaBackend(Backend):
         self._guard = ModelGuard()
         self._llm: Optional[LlamaContext] = None
         self._grammars: Optional[GrammarCache] = None
+        self._first_bytes: Optional[FirstByteIndex] = None
         self._prefix_tokens: list[int] = []
         self.info: Optional[ModelInfo] = None
 
@@ -116,6 +117,7 @@ class LlamaBackend(Backend):
             raise BackendError(f'{self.config.model_path}: {exc}') from exc
         self._llm = llm
         self._grammars = GrammarCache(llm.vocab)
+        self._first_bytes = None
         self._prefix_tokens = []
         self.info = ModelInfo(
             path=self.config.model_path, architecture=arch, chat_format=self.prompt_format.name,
@@ -171,8 +173,14 @@ class LlamaBackend(Backend):
             usage.prefill_s = usage.total_s = time.monotonic() - started
             return result
         usage.prefill_s = time.monotonic() - started
-        grammar = None if prepared.grammar is None else self._grammars.fresh(prepared.grammar)
-        with SamplerChain(request.sampling, grammar, llm.n_vocab, llm.eog_tokens) as sampler:
+        grammar = index = None
+        if prepared.grammar is not None:
+            grammar = self._grammars.fresh(prepared.grammar)
+            if self._first_bytes is None:  # once per model, on the first constrained request
+                self._first_bytes = FirstByteIndex(llm.n_vocab, llm.piece, llm.is_eog)
+            index = self._first_bytes
+        with SamplerChain(request.sampling, grammar, llm.n_vocab, llm.eog_tokens,
+                          index) as sampler:
             raw, finish = self._decode_loop(llm, sampler, pos, prepared.max_tokens, stopper,
                                             usage, started, request.on_token)
         usage.total_s = time.monotonic() - started
