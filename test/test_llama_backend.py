@@ -147,6 +147,46 @@ def test_long_prefill_is_interrupted_by_the_deadline(mid: LlamaBackend) -> None:
     assert interrupted < uninterrupted / 2, (interrupted, uninterrupted)
 
 
+@pytest.mark.slow
+def test_prefill_abort_is_native_and_holds_with_a_busy_python_thread(mid: LlamaBackend) -> None:
+    # llama.cpp polls the abort callback once per graph node; ours is C reading a flag byte
+    # (src/abort_flag.c), so a busy Python thread cannot slow prefill down by holding the GIL.
+    # The watchdog that sets the byte still gets the GIL often enough to stop on time.
+    assert mid._llm.native_abort, 'libnemotron_ros_abort.so missing: build with colcon'
+    long_text = ' '.join(f'observation {i}: the corridor is clear.' for i in range(250))
+    stop = threading.Event()
+
+    def busy() -> None:
+        count = 0
+        while not stop.is_set():
+            count += 1
+
+    spinner = threading.Thread(target=busy, daemon=True)
+    spinner.start()
+    try:
+        token = CancelToken()
+        timer = threading.Timer(0.1, token.cancel)
+        timer.start()
+        cancelled = mid.generate(GenerationRequest(
+            messages=_messages(long_text), constrained=False, cancel=token,
+            sampling=SamplingParams(max_tokens=4)))
+        timer.join()
+        late = mid.generate(GenerationRequest(
+            messages=_messages(long_text), constrained=False,
+            sampling=SamplingParams(max_tokens=4), deadline=time.monotonic() + 0.15))
+    finally:
+        stop.set()
+        spinner.join()
+    # Both stopped before a quarter of the prompt could have been evaluated.
+    quarter = mid.generate(GenerationRequest(
+        messages=_messages(long_text[:len(long_text) // 4]), constrained=False,
+        sampling=SamplingParams(max_tokens=1)))
+    assert cancelled.finish_reason is FinishReason.CANCELLED
+    assert late.finish_reason is FinishReason.DEADLINE
+    assert cancelled.usage.completion_tokens == late.usage.completion_tokens == 0
+    assert max(cancelled.usage.prefill_s, late.usage.prefill_s) < quarter.usage.prefill_s
+
+
 def test_cancel_from_another_thread(tiny: LlamaBackend) -> None:
     token = CancelToken()
     timer = threading.Timer(0.2, token.cancel)
