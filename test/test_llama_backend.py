@@ -6,6 +6,8 @@ Mamba-2/attention code path) and the real SmolLM2-135M-Instruct GGUF where words
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import threading
@@ -268,6 +270,57 @@ def test_verified_draws_give_the_grammar_first_greedy_output(
     reference = [tiny.generate(r).raw_text for r in requests]
     assert verified == reference
     assert any('<tool_call>' in text for text in verified)
+
+
+def _restart(path: str, cache_dir: Path, text: str = 'Go to the kitchen.') -> tuple:
+    """Load a fresh backend with a state cache, run one greedy request; (result, backend)."""
+    backend = LlamaBackend(LlamaConfig(model_path=path, n_ctx=8192, n_threads=1,
+                                       state_cache_dir=str(cache_dir)), TOOLS)
+    backend.load()
+    try:
+        return backend.generate(GenerationRequest(
+            messages=_messages(text), tools=TOOLS.names, sampling=SamplingParams(max_tokens=24)))
+    finally:
+        backend.unload()
+
+
+def test_prefix_state_survives_a_restart(model_dir: Path, tmp_path: Path) -> None:
+    path = str(tiny_nemotron_h_path(model_dir))
+    cold = _restart(path, tmp_path)
+    assert cold.usage.prompt_tokens_reused == 0
+    assert len(list(tmp_path.glob('*.state'))) == len(list(tmp_path.glob('*.json'))) == 1
+    warm = _restart(path, tmp_path)
+    assert warm.usage.prompt_tokens_reused > warm.usage.prompt_tokens // 2
+    assert warm.raw_text == cold.raw_text
+    other = _restart(path, tmp_path, 'Stop!')  # same prefix, another request
+    assert other.usage.prompt_tokens_reused == warm.usage.prompt_tokens_reused
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate', 'metadata', 'foreign'])
+def test_a_bad_prefix_state_file_is_ignored_with_a_log_line(
+        model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    path = str(tiny_nemotron_h_path(model_dir))
+    cold = _restart(path, tmp_path)
+    state = next(tmp_path.glob('*.state'))
+    meta = state.with_name(state.name[:-len('.state')] + '.json')
+    data = bytearray(state.read_bytes())
+    if damage == 'flip':
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+    elif damage == 'truncate':
+        state.write_bytes(bytes(data[:len(data) // 3]))
+    elif damage == 'metadata':
+        meta.write_text('{not json')
+    else:  # a state saved for another prompt, under this prompt's name
+        record = json.loads(meta.read_text())
+        record['key']['tokens_sha256'] = '0' * 64
+        meta.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        again = _restart(path, tmp_path)
+    assert again.usage.prompt_tokens_reused == 0, 'evaluated, not restored'
+    assert again.raw_text == cold.raw_text
+    assert any('prefix state cache' in r.getMessage() for r in caplog.records)
+    assert _restart(path, tmp_path).usage.prompt_tokens_reused > 0, 'saved afresh'
 
 
 def test_prefix_is_rebuilt_when_the_tools_change(tiny: LlamaBackend) -> None:

@@ -267,6 +267,24 @@ class LlamaContext:
     def copy_sequence(self, src: int, dst: int) -> None:
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    def save_sequence(self, path: str, seq: int, tokens: Sequence[int]) -> bool:
+        """Write ``seq``'s state, and the ``tokens`` it holds, to ``path``; False on failure."""
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        return llama_cpp.llama_state_seq_save_file(self.ctx, path.encode(), seq, array,
+                                                   len(tokens)) > 0
+
+    def load_sequence(self, path: str, seq: int, capacity: int) -> Optional[list[int]]:
+        """Read a state written by :meth:`save_sequence` into ``seq``; its tokens, or None."""
+        self.clear_sequence(seq)
+        array = (llama_cpp.llama_token * max(1, capacity))()
+        count = ctypes.c_size_t(0)
+        read = llama_cpp.llama_state_seq_load_file(self.ctx, path.encode(), seq, array,
+                                                   capacity, ctypes.byref(count))
+        if read == 0:
+            self.clear_sequence(seq)
+            return None
+        return list(array[:count.value])
+
     # -- evaluation -----------------------------------------------------------------------
     def _on_abort_poll(self, _data: ctypes.c_void_p) -> bool:
         check = self._abort_check
