@@ -87,6 +87,23 @@ class DecodeRow:
                 'grammar_ms_per_token': 1e3 / con - 1e3 / free if con and free else 0.0}
 
 
+@dataclass
+class Paired:
+    """Two arms measured side by side; ``ratio`` is a / b of the medians."""
+
+    name: str
+    a_label: str
+    b_label: str
+    unit: str
+    a: list[float] = field(default_factory=list)
+    b: list[float] = field(default_factory=list)
+    note: str = ''
+
+    def summary(self) -> dict:
+        a, b = statistics.median(self.a), statistics.median(self.b)
+        return {**asdict(self), 'a_median': a, 'b_median': b, 'ratio': a / b if b else 0.0}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(argv)
     report: dict = {
@@ -99,6 +116,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if 'decode' in args.sections:
         report['decode'] = [row.summary() for name, path in models.items()
                             for row in _measure_decode(name, path, args)]
+    smollm2 = str(_model_path('smollm2'))
+    if 'bench' in args.sections:
+        report['bench'] = _measure_llama_bench(smollm2, args)
+    if 'busy' in args.sections:
+        report['busy'] = [p.summary() for p in _measure_busy(smollm2, args)]
+    if 'configure' in args.sections:
+        report['configure'] = [p.summary() for p in _measure_configure(args)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + '\n')
@@ -116,9 +140,21 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                         help='comma-separated: smollm2, vocab131k, real_mixer, tiny or paths')
     parser.add_argument('--scenarios', type=_names, default=list(SCENARIOS),
                         help=f'comma-separated decode scenarios: {", ".join(SCENARIOS)}')
-    parser.add_argument('--reps', type=int, default=5, help='interleaved repetitions')
+    parser.add_argument('--reps', type=int, default=3, help='interleaved repetitions')
     parser.add_argument('--threads', type=int, default=1, help='llama.cpp threads')
-    parser.add_argument('--tokens', type=int, default=64, help='most tokens per decode run')
+    parser.add_argument('--tokens', type=int, default=48, help='most tokens per decode run')
+    parser.add_argument('--prompt', type=int, default=256,
+                        help='prompt tokens for the llama-bench and busy-thread prefills')
+    parser.add_argument('--bench-reps', type=int, default=2,
+                        help='interleaved repetitions of the llama-bench comparison')
+    parser.add_argument('--configure-reps', type=int, default=2,
+                        help='warm configures (and cold ones, capped at 2)')
+    parser.add_argument('--llama-bench', default='',
+                        help='a llama-bench binary built from the llama.cpp that '
+                             'llama-cpp-python vendors (default: look in the temp dir)')
+    parser.add_argument('--llama-src', default='',
+                        help='llama-cpp-python sdist (.tar.gz) or vendor/llama.cpp directory '
+                             'to build llama-bench from, in the temp dir (~15 min on 2 cores)')
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' /
                                              'bench_constrained.json'))
     args = parser.parse_args(argv)
@@ -208,6 +244,201 @@ def _decode_runs(backend: LlamaBackend, row: DecodeRow, args: argparse.Namespace
     return True
 
 
+# -- engine vs llama-bench --------------------------------------------------------------
+BENCH_BUILD = SCRATCH / 'llama_bench_build'
+BENCH_CMAKE_FLAGS = ('-DCMAKE_BUILD_TYPE=Release', '-DGGML_NATIVE=OFF', '-DGGML_AVX=ON',
+                     '-DGGML_AVX2=ON', '-DGGML_FMA=ON', '-DGGML_F16C=ON', '-DGGML_BMI2=ON',
+                     '-DLLAMA_CURL=OFF', '-DLLAMA_BUILD_SERVER=OFF', '-DLLAMA_BUILD_TESTS=OFF',
+                     '-DBUILD_SHARED_LIBS=OFF')
+"""tools/setup.sh's llama-cpp-python flags, so both run the same kernels."""
+
+
+def _llama_bench_binary(args: argparse.Namespace) -> tuple[Optional[Path], str]:
+    """(llama-bench, '') or (None, why not)."""
+    if args.llama_bench:
+        path = Path(args.llama_bench)
+        return (path, '') if path.is_file() else (None, f'--llama-bench {path} not found')
+    found = sorted(BENCH_BUILD.glob('*/vendor/llama.cpp/build/bin/llama-bench'))
+    if found:
+        return found[-1], ''
+    if not args.llama_src:
+        return None, ('no llama-bench: pass --llama-src with the llama-cpp-python sdist '
+                      '(pip download --no-binary :all: --no-deps llama-cpp-python==VERSION) '
+                      'to build one (~15 min on 2 cores), or --llama-bench')
+    return _build_llama_bench(Path(args.llama_src))
+
+
+def _build_llama_bench(source: Path) -> tuple[Optional[Path], str]:
+    import subprocess
+    import tarfile
+
+    if source.is_file():
+        BENCH_BUILD.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(source) as archive:
+            archive.extractall(BENCH_BUILD, filter='data')
+        source = next(BENCH_BUILD.glob('*/vendor/llama.cpp'))
+    build = source / 'build'
+    print(f'  building llama-bench in {build} (minutes)', flush=True)
+    for command in (['cmake', '-S', str(source), '-B', str(build), *BENCH_CMAKE_FLAGS],
+                    ['cmake', '--build', str(build), '--target', 'llama-bench', '-j2']):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            return None, f'building llama-bench failed: {done.stderr.strip()[-300:]}'
+    return build / 'bin' / 'llama-bench', ''
+
+
+def _run_llama_bench(binary: Path, model: str, threads: int, prompt: int, gen: int,
+                     depth: int) -> float:
+    """llama-bench's tokens/s for one test (-p prompt or -n gen at -d depth)."""
+    import subprocess
+
+    done = subprocess.run(
+        [str(binary), '-m', model, '-t', str(threads), '-p', str(prompt), '-n', str(gen),
+         '-d', str(depth), '-b', '512', '-ub', '512', '-fa', 'auto', '-r', '1', '-o', 'json'],
+        capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout)[0]['avg_ts'])
+
+
+def _measure_llama_bench(model: str, args: argparse.Namespace) -> dict:
+    binary, why = _llama_bench_binary(args)
+    if binary is None:
+        print(f'  llama-bench comparison skipped: {why}', flush=True)
+        return {'skipped': why}
+    prefill = Paired('prefill', 'engine', 'llama-bench', 'tok/s')
+    decode = Paired('decode', 'engine', 'llama-bench', 'tok/s')
+    n = args.prompt
+    with _backend(model, args.threads, n_ctx=max(1024, n + 256), prefix_cache=False) as engine:
+        messages = _messages_of(engine, n)
+
+        def run_engine() -> None:
+            usage = engine.generate(GenerationRequest(
+                messages=messages, constrained=False,
+                sampling=SamplingParams(max_tokens=128, ignore_eos=True))).usage
+            prefill.a.append(usage.prompt_tokens / usage.prefill_s)
+            decode.a.append(usage.tokens_per_second)
+            prefill.note = f'engine prompt {usage.prompt_tokens} tokens; llama-bench -p {n}'
+
+        def run_bench() -> None:
+            prefill.b.append(_run_llama_bench(binary, model, args.threads, n, 0, 0))
+            decode.b.append(_run_llama_bench(binary, model, args.threads, 0, 128, n))
+
+        run_engine()  # warm-up
+        for rep in range(args.bench_reps):
+            _interleaved(rep, (run_engine, run_bench))
+    decode.note = f'128 tokens at depth {n} (llama-bench -n 128 -d {n})'
+    rows = [prefill.summary(), decode.summary()]
+    for row in rows:
+        print(f"  engine / llama-bench {row['name']}: {row['a_median']:.1f} / "
+              f"{row['b_median']:.1f} tok/s = {row['ratio']:.3f}", flush=True)
+    return {'binary': str(binary), 'rows': rows}
+
+
+def _messages_of(backend: LlamaBackend, tokens: int) -> list[Message]:
+    """A chat whose rendered prompt has about ``tokens`` tokens (never more)."""
+    words: list[str] = []
+    while True:
+        more = words + FILLER.split()
+        messages = [Message('system', SYSTEM), Message('user', ' '.join(more))]
+        if backend.count_tokens(backend.prompt_format.render(messages).text) > tokens:
+            return [Message('system', SYSTEM), Message('user', ' '.join(words))]
+        words = more
+
+
+# -- prefill with a busy Python thread ------------------------------------------------------
+def _measure_busy(model: str, args: argparse.Namespace) -> list[Paired]:
+    """Prefill seconds with / without a thread spinning in Python, per abort hook."""
+    from nemotron_ros.engine.backends.llama import context
+
+    rows = []
+    for hook in ('native', 'python'):
+        native = context._native_abort
+        if hook == 'python':  # the former hook, for comparison only
+            context._native_abort = lambda: None
+        try:
+            row = _busy_runs(model, f'prefill, {hook} abort hook', args)
+        finally:
+            context._native_abort = native
+        summary = row.summary()
+        print(f"  {row.name}: busy {summary['a_median']:.3f} s, quiet "
+              f"{summary['b_median']:.3f} s, x{summary['ratio']:.3f}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def _busy_runs(model: str, name: str, args: argparse.Namespace) -> Paired:
+    row = Paired(name, 'busy thread', 'quiet', 's')
+    with _backend(model, args.threads, n_ctx=max(1024, args.prompt + 64),
+                  prefix_cache=False) as engine:
+        request = GenerationRequest(messages=_messages_of(engine, args.prompt),
+                                    constrained=False, sampling=SamplingParams(max_tokens=1))
+
+        def run(busy: bool, times: list[float]) -> None:
+            with _busy_thread(busy):
+                request.deadline = time.monotonic() + 600.0  # armed, never reached
+                times.append(engine.generate(request).usage.prefill_s)
+
+        run(False, [])
+        for rep in range(args.reps):
+            _interleaved(rep, (lambda: run(True, row.a), lambda: run(False, row.b)))
+    return row
+
+
+@contextmanager
+def _busy_thread(enabled: bool) -> Iterator[None]:
+    stop = threading.Event()
+
+    def spin() -> None:
+        count = 0
+        while not stop.is_set():
+            count += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    if enabled:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if enabled:
+            thread.join()
+
+
+# -- configure time -------------------------------------------------------------------------
+def _measure_configure(args: argparse.Namespace) -> list[Paired]:
+    """Engine.load with SmolLM2: cold (no state file) vs warm (state restored)."""
+    import shutil
+
+    from nemotron_ros.engine.config import EngineConfig
+    from nemotron_ros.engine.runtime import Engine
+
+    cache = Path(tempfile.mkdtemp(prefix='state_cache_', dir=SCRATCH))
+    row = Paired('configure SmolLM2', 'warm restart', 'no state file', 's')
+
+    def configure(times: list[float], cold: bool) -> None:
+        if cold:
+            shutil.rmtree(cache, ignore_errors=True)
+        engine = Engine()
+        start = time.perf_counter()
+        engine.load(EngineConfig(n_threads=args.threads, llama_state_cache_dir=str(cache)))
+        times.append(time.perf_counter() - start)
+        engine.close()
+
+    try:
+        cold_reps = min(2, args.configure_reps)
+        configure(row.b, cold=True)
+        for rep in range(args.configure_reps):
+            arms = [lambda: configure(row.a, cold=False)]
+            if rep < cold_reps - 1:
+                arms.append(lambda: (configure(row.b, cold=True), configure([], cold=False)))
+            _interleaved(rep, arms)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    summary = row.summary()
+    print(f"  configure: warm {summary['a_median']:.2f} s, cold {summary['b_median']:.2f} s",
+          flush=True)
+    return [row]
+
+
 # -- report ---------------------------------------------------------------------------------
 def _plot(report: dict, path: Path) -> None:
     import matplotlib
@@ -240,7 +471,49 @@ def _plot_decode(ax, report: dict) -> None:
     ax.legend(fontsize=7)
 
 
-_PANELS: dict[str, Callable] = {'decode': _plot_decode}
+def _plot_bench(ax, report: dict) -> None:
+    bench = report['bench']
+    if 'rows' not in bench:
+        ax.text(0.5, 0.5, f"llama-bench skipped:\n{bench['skipped'][:80]}", ha='center',
+                wrap=True, fontsize=8)
+        ax.set_axis_off()
+        return
+    _paired_bars(ax, bench['rows'], 'engine / llama-bench', 'engine vs llama-bench (SmolLM2)')
+
+
+def _plot_busy(ax, report: dict) -> None:
+    _paired_bars(ax, report['busy'], 'prefill time, busy thread / quiet',
+                 'a busy Python thread during prefill')
+
+
+def _plot_configure(ax, report: dict) -> None:
+    rows = report['configure']
+    labels = [label for r in rows for label in (r['a_label'], r['b_label'])]
+    values = [v for r in rows for v in (r['a_median'], r['b_median'])]
+    bars = ax.bar(labels, values, color=['tab:green', 'tab:gray'])
+    for bar, value in zip(bars, values, strict=True):
+        ax.annotate(f'{value:.1f} s', (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha='center', va='bottom', fontsize=8)
+    ax.axhline(5.0, color='tab:red', linestyle='--', label='goal 5 s (warm)')
+    ax.set_ylabel('configure (Engine.load), s')
+    ax.set_title('configure time, SmolLM2')
+    ax.legend(fontsize=7)
+
+
+def _paired_bars(ax, rows: list[dict], ylabel: str, title: str) -> None:
+    bars = ax.bar([r['name'] for r in rows], [r['ratio'] for r in rows], color='tab:blue')
+    for bar, row in zip(bars, rows, strict=True):
+        ax.annotate(f"{row['a_median']:.3g} / {row['b_median']:.3g} {row['unit']}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha='center', va='bottom', fontsize=8)
+    ax.axhline(1.0, color='tab:red', linestyle='--')
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis='x', labelsize=7)
+
+
+_PANELS: dict[str, Callable] = {'decode': _plot_decode, 'bench': _plot_bench,
+                                'busy': _plot_busy, 'configure': _plot_configure}
 
 
 def _print_summary(report: dict, out: Path) -> None:
@@ -250,6 +523,14 @@ def _print_summary(report: dict, out: Path) -> None:
             print(f"{r['model']:<10} {r['scenario']:<8} {r['n_vocab']:6d}  {r['tokens']:5d}"
                   f"  {r['constrained_median_tok_s']:9.1f} {r['unconstrained_median_tok_s']:6.1f}"
                   f"  {r['ratio']:5.3f}  {r['grammar_ms_per_token']:8.2f}")
+    rows = [*report.get('bench', {}).get('rows', []), *report.get('busy', []),
+            *report.get('configure', [])]
+    if rows:
+        print('\nmeasurement                     a            b            a/b')
+        for r in rows:
+            print(f"{r['name']:<31} {r['a_median']:8.3f} {r['unit']:<4}"
+                  f"{r['b_median']:8.3f} {r['unit']:<4} {r['ratio']:6.3f}   "
+                  f"({r['a_label']} / {r['b_label']})")
     print(f'wrote {out} and {out.with_suffix(".png")}')
 
 
