@@ -38,17 +38,21 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / 'benchmarks'):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from nemotron_ros.engine.backends.llama.backend import LlamaBackend, LlamaConfig  # noqa: E402
+import bench_engine  # noqa: E402  (this folder: the shared engine helpers)
+from bench_engine import _interleaved  # noqa: E402
+
+from nemotron_ros.engine.backends.llama.backend import LlamaBackend  # noqa: E402
 from nemotron_ros.engine.tools import ToolRegistry  # noqa: E402
 from nemotron_ros.engine.types import (  # noqa: E402
     GenerationRequest,
@@ -69,25 +73,6 @@ SCRATCH = Path(tempfile.gettempdir()) / 'nemotron_ros_bench'
 
 
 @dataclass
-class DecodeRow:
-    """Constrained and unconstrained decode rates of one model and scenario."""
-
-    model: str
-    scenario: str
-    n_vocab: int = 0
-    tokens: int = 0
-    constrained_tok_s: list[float] = field(default_factory=list)
-    unconstrained_tok_s: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        con = statistics.median(self.constrained_tok_s)
-        free = statistics.median(self.unconstrained_tok_s)
-        return {**asdict(self), 'constrained_median_tok_s': con,
-                'unconstrained_median_tok_s': free, 'ratio': con / free if free else 0.0,
-                'grammar_ms_per_token': 1e3 / con - 1e3 / free if con and free else 0.0}
-
-
-@dataclass
 class Paired:
     """Two arms measured side by side; ``ratio`` is a / b of the medians."""
 
@@ -102,6 +87,22 @@ class Paired:
     def summary(self) -> dict:
         a, b = statistics.median(self.a), statistics.median(self.b)
         return {**asdict(self), 'a_median': a, 'b_median': b, 'ratio': a / b if b else 0.0}
+
+
+@dataclass
+class DecodeRow(Paired):
+    """Constrained (a) and unconstrained (b) decode tok/s of one model and scenario."""
+
+    model: str = ''
+    scenario: str = ''
+    n_vocab: int = 0
+    tokens: int = 0
+
+    def summary(self) -> dict:
+        out = super().summary()
+        con, free = out['a_median'], out['b_median']
+        out['grammar_ms_per_token'] = 1e3 / con - 1e3 / free if con and free else 0.0
+        return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -123,11 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         report['busy'] = [p.summary() for p in _measure_busy(smollm2, args)]
     if 'configure' in args.sections:
         report['configure'] = [p.summary() for p in _measure_configure(args)]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + '\n')
-    _plot(report, out.with_suffix('.png'))
-    _print_summary(report, out)
+    bench_engine.write_report(report, Path(args.out), _plot, _print_summary)
     return 0
 
 
@@ -183,22 +180,11 @@ def _model_path(name: str) -> Path:
     return Path(name)
 
 
-@contextmanager
 def _backend(path: str, threads: int, n_ctx: int = 4096,
-             prefix_cache: bool = True) -> Iterator[LlamaBackend]:
-    backend = LlamaBackend(LlamaConfig(model_path=path, n_ctx=n_ctx, n_threads=threads,
-                                       prefix_cache=prefix_cache), TOOLS)
-    backend.load()
-    try:
-        yield backend
-    finally:
-        backend.unload()
-
-
-def _interleaved(rep: int, arms: Sequence[Callable[[], None]]) -> None:
-    """Run every arm once, starting from a different one on each repetition."""
-    for index in range(len(arms)):
-        arms[(rep + index) % len(arms)]()
+             prefix_cache: bool = True) -> AbstractContextManager[LlamaBackend]:
+    """A loaded engine backend (bench_engine's, with the engine's default flash attention)."""
+    options = argparse.Namespace(threads=threads, flash_attn='auto')
+    return bench_engine._backend(options, path, n_ctx, prefix_cache)
 
 
 # -- constrained vs unconstrained decode ----------------------------------------------------
@@ -206,14 +192,15 @@ def _measure_decode(name: str, path: str, args: argparse.Namespace) -> list[Deco
     rows = []
     with _backend(path, args.threads) as backend:
         for scenario in args.scenarios:
-            row = DecodeRow(name, scenario, n_vocab=backend.info.n_vocab)
+            row = DecodeRow(f'{name} {scenario}', 'constrained', 'unconstrained', 'tok/s',
+                            model=name, scenario=scenario, n_vocab=backend.info.n_vocab)
             if not _decode_runs(backend, row, args):
                 print(f'  {name} {scenario}: only {row.tokens} constrained tokens, skipped')
                 continue
             summary = row.summary()
             print(f"  {name:<10} {scenario:<5} {row.tokens:3d} tokens: constrained "
-                  f"{summary['constrained_median_tok_s']:6.1f} tok/s, unconstrained "
-                  f"{summary['unconstrained_median_tok_s']:6.1f} tok/s, ratio "
+                  f"{summary['a_median']:6.1f} tok/s, unconstrained "
+                  f"{summary['b_median']:6.1f} tok/s, ratio "
                   f"{summary['ratio']:.3f}, grammar "
                   f"{summary['grammar_ms_per_token']:.2f} ms/token", flush=True)
             rows.append(row)
@@ -239,8 +226,8 @@ def _decode_runs(backend: LlamaBackend, row: DecodeRow, args: argparse.Namespace
         return False
     run(False, [], row.tokens)
     for rep in range(args.reps):
-        _interleaved(rep, (lambda: run(True, row.constrained_tok_s, args.tokens),
-                           lambda: run(False, row.unconstrained_tok_s, row.tokens)))
+        _interleaved(rep, (lambda: run(True, row.a, args.tokens),
+                           lambda: run(False, row.b, row.tokens)))
     return True
 
 
@@ -521,7 +508,7 @@ def _print_summary(report: dict, out: Path) -> None:
         print('\nmodel      scenario vocab   tokens constrained free   ratio  grammar ms/tok')
         for r in report['decode']:
             print(f"{r['model']:<10} {r['scenario']:<8} {r['n_vocab']:6d}  {r['tokens']:5d}"
-                  f"  {r['constrained_median_tok_s']:9.1f} {r['unconstrained_median_tok_s']:6.1f}"
+                  f"  {r['a_median']:9.1f} {r['b_median']:6.1f}"
                   f"  {r['ratio']:5.3f}  {r['grammar_ms_per_token']:8.2f}")
     rows = [*report.get('bench', {}).get('rows', []), *report.get('busy', []),
             *report.get('configure', [])]

@@ -23,6 +23,8 @@ from nemotron_ros.engine.types import ToolChoice
 llama_cpp = pytest.importorskip('llama_cpp', reason='llama-cpp-python is not installed')
 gguf = pytest.importorskip('gguf', reason='the gguf package is needed to write a test vocab')
 
+from nemotron_ros.engine.backends.llama.sampler import FirstByteIndex  # noqa: E402  (llama_cpp)
+
 EXAMPLE = Path(__file__).resolve().parents[1] / 'config' / 'tools.example.yaml'
 SPECIAL = ('<|im_start|>', '<|im_end|>', '<think>', '</think>', '<tool_call>', '</tool_call>')
 FIRST_SPECIAL = 257  # 256 byte tokens, one merged token, then the special tokens
@@ -401,12 +403,15 @@ def test_verified_sampler_governs_end_of_generation(vocab: object) -> None:
         assert not chain.allows(ord('a'))
 
 
+@pytest.mark.parametrize('pair_min_tokens', [FirstByteIndex.PAIR_MIN_TOKENS, 0])
 @pytest.mark.parametrize('text', [VALID_AUTO[0], VALID_AUTO[-1]])
-def test_first_byte_filter_keeps_every_allowed_token(vocab: object, registry: ToolRegistry,
-                                                     text: str) -> None:
+def test_first_byte_filter_keeps_every_allowed_token(
+        vocab: object, registry: ToolRegistry, text: str, pair_min_tokens: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # The filter may only drop tokens the grammar rejects: at every step of a valid output,
-    # each token the full mask allows is among the filter's candidates.
-    from nemotron_ros.engine.backends.llama.sampler import FirstByteIndex
+    # each token the full mask allows is among the filter's candidates (0: always probe the
+    # two-byte tokens too).
+    monkeypatch.setattr(FirstByteIndex, 'PAIR_MIN_TOKENS', pair_min_tokens)
 
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     buf = ctypes.create_string_buffer(64)
@@ -415,7 +420,7 @@ def test_first_byte_filter_keeps_every_allowed_token(vocab: object, registry: To
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
         return buf.raw[:n]
 
-    index = FirstByteIndex(n_vocab, piece, lambda t: bool(llama_cpp.llama_vocab_is_eog(vocab, t)))
+    index = FirstByteIndex(n_vocab, piece, [EOS])
     sampler = compile_grammar(vocab, build_grammar(list(registry), ToolChoice.AUTO))
     data = (llama_cpp.llama_token_data * n_vocab)()
     try:
@@ -425,8 +430,8 @@ def test_first_byte_filter_keeps_every_allowed_token(vocab: object, registry: To
             llama_cpp.llama_sampler_apply(
                 sampler, ctypes.byref(llama_cpp.llama_token_data_array(data, n_vocab, -1, False)))
             allowed = {i for i in range(n_vocab) if math.isfinite(data[i].logit)}
-            probes = [int(t) in allowed for t in index.probe_tokens]
-            candidates = set(index.possible(probes).tolist())
+            candidates = set(index.possible(
+                lambda ids, allowed=allowed: [int(t) in allowed for t in ids]).tolist())
             assert allowed <= candidates
             assert len(candidates) < n_vocab or len(allowed) > n_vocab // 2
             if token is not None:

@@ -255,11 +255,17 @@ class _GrammarFirst:
         llama_cpp.llama_sampler_free(self.chain)
 
 
+@pytest.mark.parametrize('pair_min_tokens', [None, 0])
 def test_verified_draws_give_the_grammar_first_greedy_output(
-        tiny: LlamaBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny: LlamaBackend, monkeypatch: pytest.MonkeyPatch, pair_min_tokens) -> None:
     # Random weights disagree with the grammar at almost every token, end-of-generation
-    # included, so this exercises the rejected-draw path (and its first-byte pre-filter) hard.
+    # included, so this exercises the rejected-draw path (and its first-byte pre-filter) hard;
+    # 0 makes the filter probe two-byte tokens too, which the tiny vocabulary never needs.
     from nemotron_ros.engine.backends.llama import backend as backend_module
+    from nemotron_ros.engine.backends.llama.sampler import FirstByteIndex
+
+    if pair_min_tokens is not None:
+        monkeypatch.setattr(FirstByteIndex, 'PAIR_MIN_TOKENS', pair_min_tokens)
 
     requests = [GenerationRequest(messages=_messages(text), tools=TOOLS.names,
                                   tool_choice=choice, sampling=SamplingParams(max_tokens=48))

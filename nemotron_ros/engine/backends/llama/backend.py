@@ -185,7 +185,7 @@ class LlamaBackend(Backend):
         if prepared.grammar is not None:
             grammar = self._grammars.fresh(prepared.grammar)
             if self._first_bytes is None:  # once per model, on the first constrained request
-                self._first_bytes = FirstByteIndex(llm.n_vocab, llm.piece, llm.is_eog)
+                self._first_bytes = FirstByteIndex(llm.n_vocab, llm.piece, llm.eog_tokens)
             index = self._first_bytes
         with SamplerChain(request.sampling, grammar, llm.n_vocab, llm.eog_tokens,
                           index) as sampler:

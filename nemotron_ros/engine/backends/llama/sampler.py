@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Optional
 
 import llama_cpp
@@ -152,45 +152,72 @@ class SamplerChain(contextlib.AbstractContextManager):
 
 
 class FirstByteIndex:
-    """Each token's first byte, and a one-byte probe token per ASCII byte, of one model.
+    """Which tokens can pass a grammar at all, found by probing short tokens first.
 
-    A grammar accepts a token only if it accepts the token's first byte, so probing the ~128
-    one-byte ASCII tokens tells which tokens can pass at all; the rest need not be masked.
+    A grammar accepts a token only if it accepts every prefix of the token's text, so asking
+    it about the ~128 one-byte ASCII tokens tells which first bytes may follow; where few may
+    (inside a literal such as ``<function=``) and many tokens start with them, the two-byte
+    tokens starting with those bytes are asked too. Only the survivors are masked in full.
     End-of-generation tokens (the grammar judges them by its state, not their text), tokens
     that start with a non-ASCII byte (a pending UTF-8 sequence changes their meaning) and
-    tokens with no probe for their first byte are always candidates.
+    tokens whose first byte has no one-byte token are always candidates.
     """
 
     ALWAYS = 255
+    PAIR_MAX_BYTES = 8
+    """Ask about two-byte prefixes only when at most this many first bytes passed..."""
+    PAIR_MIN_TOKENS = 512
+    """...and more than this many tokens start with them."""
 
     def __init__(self, n_vocab: int, piece: Callable[[int], bytes],
-                 is_eog: Callable[[int], bool]) -> None:
-        first = np.full(n_vocab, self.ALWAYS, dtype=np.uint8)
-        probes: dict[int, int] = {}
+                 eog_tokens: Collection[int]) -> None:
+        texts: dict[int, bytes] = {}
+        singles: dict[int, int] = {}  # byte -> its one-byte token
+        eog = set(eog_tokens)
         for token in range(n_vocab):
-            if is_eog(token):
-                continue
-            text = piece(token)
-            if text and text[0] < 0x80:
-                first[token] = text[0]
-                if len(text) == 1:
-                    probes.setdefault(text[0], token)
-        unprobed = np.ones(256, dtype=bool)
-        unprobed[list(probes)] = False
-        unprobed[self.ALWAYS] = False
-        first[unprobed[first]] = self.ALWAYS
-        # Token ids grouped by first byte: the tokens starting with b are by_byte[b].
-        order = np.argsort(first, kind='stable').astype(np.int32)
-        bounds = np.searchsorted(first[order], np.arange(257))
-        self.by_byte = [order[bounds[b]:bounds[b + 1]] for b in range(256)]
-        self.probe_bytes = sorted(probes)
-        self.probe_tokens = np.array([probes[b] for b in self.probe_bytes], dtype=np.int32)
+            if token not in eog:
+                text = piece(token)
+                if text and text[0] < 0x80:
+                    texts[token] = text
+                    if len(text) == 1:
+                        singles.setdefault(text[0], token)
+        pairs = {text: token for token, text in texts.items() if len(text) == 2}
+        by_byte: dict[int, list[int]] = {b: [] for b in singles}
+        loose: dict[int, list[int]] = {b: [] for b in singles}
+        by_pair: dict[bytes, list[int]] = {}
+        always = [t for t in range(n_vocab) if t not in texts or texts[t][0] not in singles]
+        for token, text in texts.items():
+            if text[0] in singles:
+                by_byte[text[0]].append(token)
+                if text[:2] in pairs:
+                    by_pair.setdefault(text[:2], []).append(token)
+                else:
+                    loose[text[0]].append(token)
+        ids = lambda tokens: np.array(tokens, dtype=np.int32)  # noqa: E731
+        self.probe_bytes = sorted(singles)
+        self.probe_tokens = ids([singles[b] for b in self.probe_bytes])
+        self.always = ids(always)
+        self.by_byte = {b: ids(tokens) for b, tokens in by_byte.items()}
+        self.loose = {b: ids(tokens) for b, tokens in loose.items()}
+        self.pair_probes = {b: ids([pairs[q] for q in sorted(by_pair) if q[0] == b])
+                            for b in singles}
+        self.pair_members = {b: [ids(by_pair[q]) for q in sorted(by_pair) if q[0] == b]
+                             for b in singles}
 
-    def possible(self, allowed: np.ndarray) -> np.ndarray:
-        """Ids of the tokens that may pass, given which probe tokens the grammar allowed."""
-        groups = [self.by_byte[self.ALWAYS]]
-        groups += [self.by_byte[b] for b, ok in zip(self.probe_bytes, allowed, strict=True)
-                   if ok]
+    def possible(self, check: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Ids of the tokens that may pass; ``check(ids)`` says which ids the grammar allows."""
+        passed = check(self.probe_tokens)
+        first = [b for b, ok in zip(self.probe_bytes, passed, strict=True) if ok]
+        groups = [self.always]
+        if (len(first) > self.PAIR_MAX_BYTES
+                or sum(len(self.by_byte[b]) for b in first) <= self.PAIR_MIN_TOKENS):
+            return np.concatenate(groups + [self.by_byte[b] for b in first])
+        groups += [self.loose[b] for b in first]
+        probes = [self.pair_probes[b] for b in first]
+        members = [m for b in first for m in self.pair_members[b]]
+        if members:
+            passed = check(np.concatenate(probes))
+            groups += [m for m, ok in zip(members, passed, strict=True) if ok]
         return np.concatenate(groups)
 
 
@@ -217,7 +244,7 @@ class _Candidates:
                                        shape=(self.n_vocab,))
         ids = self.ids
         if masked and self.index is not None:
-            ids = self._possible(grammar)
+            ids = self.index.possible(lambda probes: self._allowed(grammar, probes))
         n = len(ids)
         data = self.data[:n]
         data['id'] = ids
@@ -234,15 +261,14 @@ class _Candidates:
         chosen = array.data[array.selected]
         return -1 if chosen.logit == _REJECTED else int(chosen.id)
 
-    def _possible(self, grammar: llama_cpp.llama_sampler_p) -> np.ndarray:
-        """Ids of the tokens whose first byte the grammar accepts now (see FirstByteIndex)."""
-        probes = self.index.probe_tokens
-        n = len(probes)
+    def _allowed(self, grammar: llama_cpp.llama_sampler_p, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` the grammar accepts next (a boolean per id)."""
+        n = len(ids)
         data = self.data[:n]
-        data['id'] = probes
+        data['id'] = ids
         data['logit'] = 0.0
         data['p'] = 0.0
         array = self.array
         array.data, array.size, array.selected, array.sorted = self._pointer(), n, -1, False
         llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
-        return self.index.possible(data['logit'] != _REJECTED)
+        return data['logit'] != _REJECTED
