@@ -329,6 +329,26 @@ def test_a_bad_prefix_state_file_is_ignored_with_a_log_line(
     assert _restart(path, tmp_path).usage.prompt_tokens_reused > 0, 'saved afresh'
 
 
+def test_constrained_calls_with_repeat_penalty_stay_valid(tiny: LlamaBackend) -> None:
+    # Penalties remember accepted tokens, so this chain draws from its own candidate array
+    # and only the verified token is accepted: the calls still parse and validate.
+    returned = 0
+    for seed in range(12):
+        result = tiny.generate(GenerationRequest(
+            messages=_messages('Bring the red cup to the table.'), tools=TOOLS.names,
+            tool_choice=ToolChoice.REQUIRED, sampling=SamplingParams(
+                temperature=0.8, repeat_penalty=1.3, seed=seed, max_tokens=160)))
+        if result.finish_reason is FinishReason.STOP:
+            assert result.tool_calls or result.rejected, result.raw_text
+            assert not [r for r in result.rejected if 'parse' in r], result.rejected
+            for call in result.tool_calls:
+                assert TOOLS.validate_call(call.name, call.arguments) == []
+            returned += len(result.tool_calls)
+        else:
+            assert result.tool_calls == []
+    assert returned >= 3
+
+
 def test_prefix_is_rebuilt_when_the_tools_change(tiny: LlamaBackend) -> None:
     def run(tools: list[str]) -> int:
         return tiny.generate(GenerationRequest(

@@ -76,8 +76,8 @@ class SamplerChain(contextlib.AbstractContextManager):
         """Build the chain.
 
         :param grammar: a fresh grammar sampler, owned (and freed) by this chain from now on.
-        :param index: the model's first-byte index; with it, a rejected draw masks only the
-            tokens whose first byte the grammar allows now (same result, less work).
+        :param index: the model's :class:`FirstByteIndex`; with it, a rejected draw masks only
+            the tokens whose first bytes the grammar allows now (same result, less work).
         """
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
@@ -94,7 +94,8 @@ class SamplerChain(contextlib.AbstractContextManager):
         # the grammar rejects: it draws from our own candidate array and accepts explicitly.
         self._stateless = params.repeat_penalty == 1.0
         if not self._stateless:
-            add(llama_cpp.llama_sampler_init_penalties(64, params.repeat_penalty, 0.0, 0.0))
+            add(llama_cpp.llama_sampler_init_penalties(n_vocab, 64, params.repeat_penalty, 0.0,
+                                                       0.0))
         if params.temperature <= 0.0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
