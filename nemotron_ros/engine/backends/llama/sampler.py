@@ -22,6 +22,12 @@ _REJECTED = float('-inf')
 _TOKEN_DATA = np.dtype([('id', np.int32), ('logit', np.float32), ('p', np.float32)])
 
 
+MASK_AFTER = 2
+"""Rejected draws in a row after which tokens are drawn from the masked candidates first..."""
+RETRY_EVERY = 4
+"""...except every this many tokens, where a plain draw tests whether the model agrees again."""
+
+
 class GrammarError(ValueError):
     """llama.cpp rejected a generated grammar (a bug in the grammar generator)."""
 
@@ -67,7 +73,9 @@ class SamplerChain(contextlib.AbstractContextManager):
     grammar-masked candidates, so every returned token is one the grammar accepts, exactly as
     with the grammar first. Greedy output is identical; with temperature alone the
     distribution is too (p(t) plus the rejected mass times p(t)/Z is p(t)/Z), and truncation
-    (top-k, top-p, min-p) then applies before the mask rather than after it.
+    (top-k, top-p, min-p) then applies before the mask rather than after it. While the model
+    keeps disagreeing (:data:`MASK_AFTER` rejections in a row), tokens are drawn masked first,
+    with a plain draw every :data:`RETRY_EVERY` tokens to notice when it agrees again.
     """
 
     def __init__(self, params: SamplingParams, grammar: llama_cpp.llama_sampler_p | None,
@@ -85,6 +93,9 @@ class SamplerChain(contextlib.AbstractContextManager):
         self.grammar = grammar
         #: Drawn tokens the grammar rejected (each cost one masked draw).
         self.rejections = 0
+        self._rejected_in_row = 0
+        self._mask_first = False
+        self._masked_in_row = 0
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.chain, s)  # noqa: E731
         if grammar is None and params.ignore_eos and eog_tokens:
             biases = (llama_cpp.llama_logit_bias * len(eog_tokens))(
@@ -117,18 +128,30 @@ class SamplerChain(contextlib.AbstractContextManager):
         """Draw the next token from the last logits and advance the grammar."""
         if self.grammar is None:
             return llama_cpp.llama_sampler_sample(self.chain, ctx, -1)
-        if self._stateless:
-            token = llama_cpp.llama_sampler_sample(self.chain, ctx, -1)
+        if self._mask_first and self._masked_in_row < RETRY_EVERY - 1:
+            # The model keeps disagreeing with the grammar: a plain draw would be wasted.
+            self._masked_in_row += 1
+            token = self._masked_draw(ctx)
         else:
-            token = self._candidates.draw(ctx, self.chain)
-        if not self.allows(token):
-            self.rejections += 1
-            token = self._candidates.draw(ctx, self.chain, self.grammar, masked=True)
-            if token < 0:
-                raise GrammarError('the grammar admits no token here')
+            token = (llama_cpp.llama_sampler_sample(self.chain, ctx, -1) if self._stateless
+                     else self._candidates.draw(ctx, self.chain))
+            if self.allows(token):
+                self._rejected_in_row = 0
+            else:
+                self.rejections += 1
+                self._rejected_in_row += 1
+                token = self._masked_draw(ctx)
+            self._mask_first = self._rejected_in_row >= MASK_AFTER
+            self._masked_in_row = 0
         if not self._stateless:
             llama_cpp.llama_sampler_accept(self.chain, token)
         llama_cpp.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def _masked_draw(self, ctx: llama_cpp.llama_context_p) -> int:
+        token = self._candidates.draw(ctx, self.chain, self.grammar, masked=True)
+        if token < 0:
+            raise GrammarError('the grammar admits no token here')
         return token
 
     def allows(self, token: int) -> bool:
