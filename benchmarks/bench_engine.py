@@ -117,12 +117,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         'ttft': [row.summary() for row in ttft_rows],
         'decode': [row.summary() for row in decode_rows],
     }
-    out = Path(args.out)
+    write_report(report, Path(args.out), _plot, _print_summary)
+    return 0
+
+
+def write_report(report: dict, out: Path, plot: Callable[[dict, Path], None],
+                 print_summary: Callable[[dict, Path], None]) -> None:
+    """Write ``report`` as JSON to ``out``, its plot as PNG beside it, then print it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + '\n')
-    _plot(report, out.with_suffix('.png'))
-    _print_summary(report, out)
-    return 0
+    plot(report, out.with_suffix('.png'))
+    print_summary(report, out)
 
 
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:

@@ -23,6 +23,8 @@ from nemotron_ros.engine.types import ToolChoice
 llama_cpp = pytest.importorskip('llama_cpp', reason='llama-cpp-python is not installed')
 gguf = pytest.importorskip('gguf', reason='the gguf package is needed to write a test vocab')
 
+from nemotron_ros.engine.backends.llama.sampler import FirstByteIndex  # noqa: E402  (llama_cpp)
+
 EXAMPLE = Path(__file__).resolve().parents[1] / 'config' / 'tools.example.yaml'
 SPECIAL = ('<|im_start|>', '<|im_end|>', '<think>', '</think>', '<tool_call>', '</tool_call>')
 FIRST_SPECIAL = 257  # 256 byte tokens, one merged token, then the special tokens
@@ -381,3 +383,58 @@ def test_limits_are_folded_into_the_grammar(accepts: Accepts, registry: ToolRegi
                                             tool: str, arguments: dict, ok: bool) -> None:
     grammar = build_grammar(registry.subset([tool]), ToolChoice.REQUIRED)
     assert accepts(grammar, call(tool, **arguments)) is ok
+
+
+def test_verified_sampler_governs_end_of_generation(vocab: object) -> None:
+    # The engine's sampler checks each drawn token with the grammar: end of generation is
+    # refused until the grammar is complete, and then allowed.
+    from nemotron_ros.engine.backends.llama.sampler import SamplerChain
+    from nemotron_ros.engine.types import SamplingParams
+
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    with SamplerChain(SamplingParams(), compile_grammar(vocab, 'root ::= "ab" "c"'),
+                      n_vocab, [EOS]) as chain:
+        assert not chain.allows(EOS)
+        assert not chain.allows(ord('c'))
+        for token in _tokens('abc'):
+            assert chain.allows(token)
+            llama_cpp.llama_sampler_accept(chain.grammar, token)
+        assert chain.allows(EOS)
+        assert not chain.allows(ord('a'))
+
+
+@pytest.mark.parametrize('pair_min_tokens', [FirstByteIndex.PAIR_MIN_TOKENS, 0])
+@pytest.mark.parametrize('text', [VALID_AUTO[0], VALID_AUTO[-1]])
+def test_first_byte_filter_keeps_every_allowed_token(
+        vocab: object, registry: ToolRegistry, text: str, pair_min_tokens: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The filter may only drop tokens the grammar rejects: at every step of a valid output,
+    # each token the full mask allows is among the filter's candidates (0: always probe the
+    # two-byte tokens too).
+    monkeypatch.setattr(FirstByteIndex, 'PAIR_MIN_TOKENS', pair_min_tokens)
+
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    buf = ctypes.create_string_buffer(64)
+
+    def piece(token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    index = FirstByteIndex(n_vocab, piece, [EOS])
+    sampler = compile_grammar(vocab, build_grammar(list(registry), ToolChoice.AUTO))
+    data = (llama_cpp.llama_token_data * n_vocab)()
+    try:
+        for token in [*_tokens(text), None]:
+            for i in range(n_vocab):
+                data[i] = llama_cpp.llama_token_data(i, 0.0, 0.0)
+            llama_cpp.llama_sampler_apply(
+                sampler, ctypes.byref(llama_cpp.llama_token_data_array(data, n_vocab, -1, False)))
+            allowed = {i for i in range(n_vocab) if math.isfinite(data[i].logit)}
+            candidates = set(index.possible(
+                lambda ids, allowed=allowed: [int(t) in allowed for t in ids]).tolist())
+            assert allowed <= candidates
+            assert len(candidates) < n_vocab or len(allowed) > n_vocab // 2
+            if token is not None:
+                llama_cpp.llama_sampler_accept(sampler, token)
+    finally:
+        llama_cpp.llama_sampler_free(sampler)

@@ -6,6 +6,8 @@ Mamba-2/attention code path) and the real SmolLM2-135M-Instruct GGUF where words
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import threading
@@ -147,6 +149,46 @@ def test_long_prefill_is_interrupted_by_the_deadline(mid: LlamaBackend) -> None:
     assert interrupted < uninterrupted / 2, (interrupted, uninterrupted)
 
 
+@pytest.mark.slow
+def test_prefill_abort_is_native_and_holds_with_a_busy_python_thread(mid: LlamaBackend) -> None:
+    # llama.cpp polls the abort callback once per graph node; ours is C reading a flag byte
+    # (src/abort_flag.c), so a busy Python thread cannot slow prefill down by holding the GIL.
+    # The watchdog that sets the byte still gets the GIL often enough to stop on time.
+    assert mid._llm.native_abort, 'libnemotron_ros_abort.so missing: build with colcon'
+    long_text = ' '.join(f'observation {i}: the corridor is clear.' for i in range(250))
+    stop = threading.Event()
+
+    def busy() -> None:
+        count = 0
+        while not stop.is_set():
+            count += 1
+
+    spinner = threading.Thread(target=busy, daemon=True)
+    spinner.start()
+    try:
+        token = CancelToken()
+        timer = threading.Timer(0.1, token.cancel)
+        timer.start()
+        cancelled = mid.generate(GenerationRequest(
+            messages=_messages(long_text), constrained=False, cancel=token,
+            sampling=SamplingParams(max_tokens=4)))
+        timer.join()
+        late = mid.generate(GenerationRequest(
+            messages=_messages(long_text), constrained=False,
+            sampling=SamplingParams(max_tokens=4), deadline=time.monotonic() + 0.15))
+    finally:
+        stop.set()
+        spinner.join()
+    # Both stopped before a quarter of the prompt could have been evaluated.
+    quarter = mid.generate(GenerationRequest(
+        messages=_messages(long_text[:len(long_text) // 4]), constrained=False,
+        sampling=SamplingParams(max_tokens=1)))
+    assert cancelled.finish_reason is FinishReason.CANCELLED
+    assert late.finish_reason is FinishReason.DEADLINE
+    assert cancelled.usage.completion_tokens == late.usage.completion_tokens == 0
+    assert max(cancelled.usage.prefill_s, late.usage.prefill_s) < quarter.usage.prefill_s
+
+
 def test_cancel_from_another_thread(tiny: LlamaBackend) -> None:
     token = CancelToken()
     timer = threading.Timer(0.2, token.cancel)
@@ -184,6 +226,127 @@ def test_prefix_snapshot_gives_identical_greedy_output(model_dir: Path) -> None:
     assert reused[False] == [0, 0, 0]
     assert reused[True][0] == 0
     assert reused[True][1] == reused[True][2] > prompt_tokens // 2
+
+
+class _GrammarFirst:
+    """The former sampler: the grammar masks the whole vocabulary, then greedy picks."""
+
+    def __init__(self, params: SamplingParams, grammar: object, n_vocab: int,
+                 eog_tokens: object = (), index: object = None) -> None:
+        import llama_cpp
+
+        assert params.temperature == 0.0 and grammar is not None
+        self.chain = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(self.chain, grammar)
+        llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_greedy())
+
+    def sample(self, ctx: object) -> int:
+        import llama_cpp
+
+        return llama_cpp.llama_sampler_sample(self.chain, ctx, -1)
+
+    def __enter__(self) -> _GrammarFirst:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_sampler_free(self.chain)
+
+
+@pytest.mark.parametrize('pair_min_tokens', [None, 0])
+def test_verified_draws_give_the_grammar_first_greedy_output(
+        tiny: LlamaBackend, monkeypatch: pytest.MonkeyPatch, pair_min_tokens) -> None:
+    # Random weights disagree with the grammar at almost every token, end-of-generation
+    # included, so this exercises the rejected-draw path (and its first-byte pre-filter) hard;
+    # 0 makes the filter probe two-byte tokens too, which the tiny vocabulary never needs.
+    from nemotron_ros.engine.backends.llama import backend as backend_module
+    from nemotron_ros.engine.backends.llama.sampler import FirstByteIndex
+
+    if pair_min_tokens is not None:
+        monkeypatch.setattr(FirstByteIndex, 'PAIR_MIN_TOKENS', pair_min_tokens)
+
+    requests = [GenerationRequest(messages=_messages(text), tools=TOOLS.names,
+                                  tool_choice=choice, sampling=SamplingParams(max_tokens=48))
+                for text in ('Go to the kitchen.', 'Say hello.', 'Look at the door.')
+                for choice in (ToolChoice.AUTO, ToolChoice.REQUIRED)]
+    verified = [tiny.generate(r).raw_text for r in requests]
+    monkeypatch.setattr(backend_module, 'SamplerChain', _GrammarFirst)
+    reference = [tiny.generate(r).raw_text for r in requests]
+    assert verified == reference
+    assert any('<tool_call>' in text for text in verified)
+
+
+def _restart(path: str, cache_dir: Path, text: str = 'Go to the kitchen.') -> tuple:
+    """Load a fresh backend with a state cache, run one greedy request; (result, backend)."""
+    backend = LlamaBackend(LlamaConfig(model_path=path, n_ctx=8192, n_threads=1,
+                                       state_cache_dir=str(cache_dir)), TOOLS)
+    backend.load()
+    try:
+        return backend.generate(GenerationRequest(
+            messages=_messages(text), tools=TOOLS.names, sampling=SamplingParams(max_tokens=24)))
+    finally:
+        backend.unload()
+
+
+def test_prefix_state_survives_a_restart(model_dir: Path, tmp_path: Path) -> None:
+    path = str(tiny_nemotron_h_path(model_dir))
+    cold = _restart(path, tmp_path)
+    assert cold.usage.prompt_tokens_reused == 0
+    assert len(list(tmp_path.glob('*.state'))) == len(list(tmp_path.glob('*.json'))) == 1
+    warm = _restart(path, tmp_path)
+    assert warm.usage.prompt_tokens_reused > warm.usage.prompt_tokens // 2
+    assert warm.raw_text == cold.raw_text
+    other = _restart(path, tmp_path, 'Stop!')  # same prefix, another request
+    assert other.usage.prompt_tokens_reused == warm.usage.prompt_tokens_reused
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate', 'metadata', 'foreign'])
+def test_a_bad_prefix_state_file_is_ignored_with_a_log_line(
+        model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    path = str(tiny_nemotron_h_path(model_dir))
+    cold = _restart(path, tmp_path)
+    state = next(tmp_path.glob('*.state'))
+    meta = state.with_name(state.name[:-len('.state')] + '.json')
+    data = bytearray(state.read_bytes())
+    if damage == 'flip':
+        data[len(data) // 2] ^= 0xFF
+        state.write_bytes(bytes(data))
+    elif damage == 'truncate':
+        state.write_bytes(bytes(data[:len(data) // 3]))
+    elif damage == 'metadata':
+        meta.write_text('{not json')
+    else:  # a state saved for another prompt, under this prompt's name
+        record = json.loads(meta.read_text())
+        record['key']['tokens_sha256'] = '0' * 64
+        meta.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        again = _restart(path, tmp_path)
+    assert again.usage.prompt_tokens_reused == 0, 'evaluated, not restored'
+    assert again.raw_text == cold.raw_text
+    assert any('prefix state cache' in r.getMessage() for r in caplog.records)
+    assert _restart(path, tmp_path).usage.prompt_tokens_reused > 0, 'saved afresh'
+
+
+def test_constrained_calls_with_repeat_penalty_stay_valid(tiny: LlamaBackend) -> None:
+    # Penalties remember accepted tokens, so this chain draws from its own candidate array
+    # and only the verified token is accepted: the calls still parse and validate.
+    returned = 0
+    for seed in range(12):
+        result = tiny.generate(GenerationRequest(
+            messages=_messages('Bring the red cup to the table.'), tools=TOOLS.names,
+            tool_choice=ToolChoice.REQUIRED, sampling=SamplingParams(
+                temperature=0.8, repeat_penalty=1.3, seed=seed, max_tokens=160)))
+        if result.finish_reason is FinishReason.STOP:
+            assert result.tool_calls or result.rejected, result.raw_text
+            assert not [r for r in result.rejected if 'parse' in r], result.rejected
+            for call in result.tool_calls:
+                assert TOOLS.validate_call(call.name, call.arguments) == []
+            returned += len(result.tool_calls)
+        else:
+            assert result.tool_calls == []
+    assert returned >= 3
 
 
 def test_prefix_is_rebuilt_when_the_tools_change(tiny: LlamaBackend) -> None:

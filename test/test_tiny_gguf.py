@@ -18,6 +18,7 @@ from nemotron_ros.engine import packaged_models as models_module
 from nemotron_ros.testing import (
     CHAT_TEMPLATE,
     NEMOTRON3_NANO_4B_PATTERN,
+    NEMOTRON3_VOCAB_SIZE,
     SPECIAL_TOKENS,
     build_tiny_nemotron_h,
     default_layer_pattern,
@@ -115,6 +116,30 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match='multiple of ssm_groups'):
         build_tiny_nemotron_h(tmp_path / 'x.gguf', ssm_n_head=3, ssm_groups=2)
     assert not (tmp_path / 'x.gguf').exists()
+
+
+def test_large_vocabulary_is_deterministic_and_tokenizes(tmp_path: Path) -> None:
+    small = build_vocab()
+    large = build_vocab(NEMOTRON3_VOCAB_SIZE)
+    assert large.size == NEMOTRON3_VOCAB_SIZE == 131072
+    assert large == build_vocab(NEMOTRON3_VOCAB_SIZE)
+    assert large.tokens[:small.size - 4] == small.tokens[:small.size - 4]
+    assert len(set(large.tokens)) == large.size
+    path = build_tiny_nemotron_h(tmp_path / 'v131k.gguf', vocab_size=NEMOTRON3_VOCAB_SIZE)
+    llm = _new_llama(path)
+    try:
+        assert llm.n_vocab() == NEMOTRON3_VOCAB_SIZE
+        text = 'Go to the kitchen and fetch a quick brown fox.\n Über ✓'
+        ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+        assert llm.detokenize(ids).decode() == text
+        # Generated merges apply: a word learnt nowhere else is one token.
+        assert len(llm.tokenize(b' fox', add_bos=False)) == 1
+        assert llm.tokenize(b'<|im_end|>', add_bos=False, special=True) == [
+            SPECIAL_TOKENS['<|im_end|>']]
+    finally:
+        llm.close()
+    with pytest.raises(ValueError, match='vocab_size must be at least'):
+        build_tiny_nemotron_h(tmp_path / 'x.gguf', vocab_size=100)
 
 
 def test_llama_cpp_loads_a_hybrid_nemotron_h(llm, tiny_path: Path) -> None:

@@ -78,6 +78,7 @@ class EngineConfig:
     n_batch: int = default('n_batch')
     flash_attn: str = default('flash_attn')
     prefix_cache: bool = default('prefix_cache')
+    llama_state_cache_dir: str = default('llama.state_cache_dir')
     device: str = default('device')
     fp8: str = default('fp8')
     default_budget_ms: int = default('default_budget_ms')
@@ -145,7 +146,8 @@ class EngineConfig:
         if self.backend == 'llama_cpp':
             return {'model_path': model_path, 'n_ctx': self.n_ctx, 'n_threads': self.n_threads,
                     'n_gpu_layers': self.n_gpu_layers, 'n_batch': self.n_batch,
-                    'flash_attn': self.flash_attn, 'prefix_cache': self.prefix_cache}
+                    'flash_attn': self.flash_attn, 'prefix_cache': self.prefix_cache,
+                    'state_cache_dir': self.llama_state_cache_dir}
         return {'model_path': model_path, 'n_threads': self.n_threads, 'n_ctx': self.n_ctx,
                 'prefix_cache': self.prefix_cache, 'device': self.device, 'fp8': self.fp8}
 

@@ -109,6 +109,9 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
             'on GPUs); at most n_ctx.', 1, 1 << 16),
     Setting('flash_attn', 'auto', 'Flash attention: auto, on or off.', choices=FLASH_ATTN),
     Setting('prefix_cache', True, 'Reuse the model state after system prompt + tools.'),
+    Setting('llama.state_cache_dir', '~/.cache/nemotron_ros/prefix_state', 'llama_cpp '
+            'backend: directory that keeps the model state after system prompt + tools across '
+            "restarts (keyed by model, options and prompt; the 8 latest); '' = off."),
     Setting('device', 'auto', "torch backend: 'auto', 'cpu', 'cuda' or 'cuda:N'.",
             pattern=r'auto|cpu|cuda(:\d+)?', accepts="'auto', 'cpu', 'cuda' or 'cuda:N'"),
     Setting('fp8', 'auto', 'torch backend, FP8 checkpoints: auto (FP8 matmuls on compute '

@@ -27,7 +27,7 @@ import math
 import os
 import tempfile
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -64,6 +64,12 @@ SPECIAL_TOKENS: Mapping[str, int] = MappingProxyType(
 BOS, EOS = '<s>', '<|im_end|>'
 _FIRST_BYTE_ID = len(_SPECIALS)
 _VOCAB_MULTIPLE = 8
+NEMOTRON3_VOCAB_SIZE = 131072
+"""The real Nemotron 3 Nano vocabulary size, for ``build_tiny_nemotron_h(vocab_size=...)``."""
+MAX_VOCAB_SIZE = 1 << 20
+# Generated tokens for large vocabularies: lowercase words, bare and after a space, shortest
+# first (what a byte-level BPE learns from English), each one merge of a shorter one and a letter.
+_LETTERS = 'abcdefghijklmnopqrstuvwxyz'
 
 # Merges are learnt, in this order, so that each entry becomes a single token. Two-letter
 # entries come first, like the frequent pairs a real BPE learns first.
@@ -167,6 +173,7 @@ class TinyNemotronHSpec:
     printable_only: bool
     seed: int
     name: str
+    vocab_size: int | None = None
 
     @property
     def n_layer(self) -> int:
@@ -197,6 +204,9 @@ class TinyNemotronHSpec:
             raise ValueError(f"dtype must be 'f32' or 'f16': {self.dtype!r}")
         if self.printable_only and self.n_embd < 2:
             raise ValueError('printable_only needs n_embd >= 2 (one bias channel)')
+        if self.vocab_size is not None and not 0 < self.vocab_size <= MAX_VOCAB_SIZE:
+            raise ValueError(f'vocab_size must be in [1, {MAX_VOCAB_SIZE}] (or None for the '
+                             f'small vocabulary), got {self.vocab_size}')
 
 
 def default_layer_pattern(n_layer: int) -> str:
@@ -226,6 +236,7 @@ def build_tiny_nemotron_h(
     dtype: str = 'f32',
     printable_only: bool = True,
     name: str = 'tiny-nemotron-h',
+    vocab_size: int | None = None,
 ) -> Path:
     """Write a random-weight ``nemotron_h`` GGUF to ``path`` and return it as a Path.
 
@@ -239,6 +250,9 @@ def build_tiny_nemotron_h(
     stay F32 as in converted models). ``seed`` selects the weights; the tokenizer never changes.
     ``printable_only`` keeps random output to printable ASCII, ``<|im_end|>`` and the four
     user-defined tags (see the module docstring); turn it off to test invalid UTF-8 handling.
+    ``vocab_size`` grows the vocabulary to exactly that many tokens with generated letter
+    merges (see :func:`build_vocab`; ``NEMOTRON3_VOCAB_SIZE`` is the real model's), so grammar
+    and sampling costs can be measured at a real vocabulary size.
     The file is written to a temporary name and renamed, so a concurrent reader never sees a
     partial file. See ``MID_PRESET`` and ``REAL_MIXER_PRESET`` for larger variants.
     """
@@ -247,7 +261,7 @@ def build_tiny_nemotron_h(
         n_head_kv=n_head_kv, head_dim=head_dim, n_ff=n_ff, ssm_n_head=ssm_n_head,
         ssm_head_dim=ssm_head_dim, ssm_state=ssm_state, ssm_groups=ssm_groups,
         ssm_conv=ssm_conv, context_length=context_length, dtype=dtype,
-        printable_only=printable_only, name=name)
+        printable_only=printable_only, name=name, vocab_size=vocab_size)
     return write_gguf(spec, path)
 
 
@@ -286,7 +300,7 @@ def write_gguf(spec: TinyNemotronHSpec, path: str | os.PathLike[str]) -> Path:
 
     spec.validate()
     path = Path(path)
-    vocab = build_vocab()
+    vocab = build_vocab(spec.vocab_size)
     fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -404,8 +418,13 @@ def learn_merges(texts: Iterable[str]) -> list[tuple[str, str]]:
     return list(ranks)
 
 
-def build_vocab() -> Vocab:
-    """Specials, the 256 byte tokens, merged tokens, then UNUSED padding to a multiple of 8."""
+def build_vocab(size: int | None = None) -> Vocab:
+    """Specials, the 256 byte tokens, merged tokens, then UNUSED padding to a multiple of 8.
+
+    With ``size``, generated word merges (:func:`_word_merges`) follow the learnt ones until
+    the vocabulary has exactly ``size`` tokens; ValueError when ``size`` is below the small
+    vocabulary's. The result is deterministic: the same ``size`` gives the same tables.
+    """
     tokens = [text for text, _ in _SPECIALS]
     types = [kind for _, kind in _SPECIALS]
     tokens += [_BYTE_TO_UNICODE[b] for b in range(256)]
@@ -417,10 +436,38 @@ def build_vocab() -> Vocab:
             seen.add(a + b)
             tokens.append(a + b)
             types.append(_TOKEN_NORMAL)
-    while len(tokens) % _VOCAB_MULTIPLE:
+    if size is not None:
+        base = len(tokens) + -len(tokens) % _VOCAB_MULTIPLE
+        if size < base:
+            raise ValueError(f'vocab_size must be at least {base} (the small vocabulary), '
+                             f'got {size}')
+        for a, b in _word_merges():
+            if len(tokens) >= size:
+                break
+            if a + b not in seen:
+                seen.add(a + b)
+                tokens.append(a + b)
+                types.append(_TOKEN_NORMAL)
+                merges.append((a, b))
+    while len(tokens) % _VOCAB_MULTIPLE and (size is None or len(tokens) < size):
         tokens.append(f'[PAD{len(tokens)}]')
         types.append(_TOKEN_UNUSED)
     return Vocab(tuple(tokens), tuple(types), tuple(f'{a} {b}' for a, b in merges))
+
+
+def _word_merges() -> Iterator[tuple[str, str]]:
+    """(left, right) merges making every lowercase word, bare and after a space, by length."""
+    space = _BYTE_TO_UNICODE[ord(' ')]
+    prefixes = ['']
+    while True:
+        longer = []
+        for prefix in prefixes:
+            for letter in _LETTERS:
+                if prefix:
+                    yield prefix, letter
+                yield space + prefix, letter
+                longer.append(prefix + letter)
+        prefixes = longer
 
 
 def _add_tokenizer(writer, vocab: Vocab) -> None:

@@ -28,7 +28,8 @@ from ...types import (
 )
 from ..base import Backend, BackendError, ModelGuard, ModelInfo, Stopper
 from .context import ContextOptions, DecodeAbortedError, LlamaContext, LlamaLoadError
-from .sampler import GrammarCache, SamplerChain
+from .sampler import FirstByteIndex, GrammarCache, SamplerChain
+from .state_cache import PrefixStateCache
 
 PREFIX_SEQ = 1
 WORK_SEQ = 0
@@ -43,6 +44,8 @@ class LlamaConfig:
     :param n_gpu_layers: layers offloaded to the GPU (-1 = all).
     :param flash_attn: 'auto', 'on' or 'off'.
     :param prefix_cache: keep the state after system prompt + tools and reuse it.
+    :param state_cache_dir: also keep that state on disk across restarts ('' = off; the
+        node's ``llama.state_cache_dir`` setting); see :mod:`.state_cache`.
 
     The settings the node exposes take their defaults and limits from :mod:`.settings`.
     """
@@ -56,6 +59,7 @@ class LlamaConfig:
     flash_attn: str = settings.default('flash_attn')
     use_mmap: bool = True
     prefix_cache: bool = settings.default('prefix_cache')
+    state_cache_dir: str = ''
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -93,6 +97,8 @@ class LlamaBackend(Backend):
         self._guard = ModelGuard()
         self._llm: Optional[LlamaContext] = None
         self._grammars: Optional[GrammarCache] = None
+        self._first_bytes: Optional[FirstByteIndex] = None
+        self._state_cache: Optional[PrefixStateCache] = None
         self._prefix_tokens: list[int] = []
         self.info: Optional[ModelInfo] = None
 
@@ -116,6 +122,10 @@ class LlamaBackend(Backend):
             raise BackendError(f'{self.config.model_path}: {exc}') from exc
         self._llm = llm
         self._grammars = GrammarCache(llm.vocab)
+        self._first_bytes = None
+        self._state_cache = None
+        if self.config.prefix_cache and self.config.state_cache_dir:
+            self._state_cache = PrefixStateCache(self.config.state_cache_dir, llm)
         self._prefix_tokens = []
         self.info = ModelInfo(
             path=self.config.model_path, architecture=arch, chat_format=self.prompt_format.name,
@@ -171,8 +181,14 @@ class LlamaBackend(Backend):
             usage.prefill_s = usage.total_s = time.monotonic() - started
             return result
         usage.prefill_s = time.monotonic() - started
-        grammar = None if prepared.grammar is None else self._grammars.fresh(prepared.grammar)
-        with SamplerChain(request.sampling, grammar, llm.n_vocab, llm.eog_tokens) as sampler:
+        grammar = index = None
+        if prepared.grammar is not None:
+            grammar = self._grammars.fresh(prepared.grammar)
+            if self._first_bytes is None:  # once per model, on the first constrained request
+                self._first_bytes = FirstByteIndex(llm.n_vocab, llm.piece, llm.eog_tokens)
+            index = self._first_bytes
+        with SamplerChain(request.sampling, grammar, llm.n_vocab, llm.eog_tokens,
+                          index) as sampler:
             raw, finish = self._decode_loop(llm, sampler, pos, prepared.max_tokens, stopper,
                                             usage, started, request.on_token)
         usage.total_s = time.monotonic() - started
@@ -189,12 +205,18 @@ class LlamaBackend(Backend):
             return len(prefix) + len(suffix)
         if prefix != self._prefix_tokens:
             self._prefix_tokens = []
-            llm.clear_sequence(PREFIX_SEQ)
-            try:
-                llm.decode(prefix, 0, PREFIX_SEQ, False, stopper)
-            except DecodeAbortedError:
+            cache = self._state_cache
+            if cache is not None and prefix and cache.restore(llm, PREFIX_SEQ, prefix):
+                usage.prompt_tokens_reused = len(prefix)
+            else:
                 llm.clear_sequence(PREFIX_SEQ)
-                raise
+                try:
+                    llm.decode(prefix, 0, PREFIX_SEQ, False, stopper)
+                except DecodeAbortedError:
+                    llm.clear_sequence(PREFIX_SEQ)
+                    raise
+                if cache is not None and prefix:
+                    cache.save(llm, PREFIX_SEQ, prefix)
             self._prefix_tokens = list(prefix)
         else:
             usage.prompt_tokens_reused = len(prefix)

@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import llama_cpp
 from llama_cpp import _logger as llama_logger
 
+_LOG = logging.getLogger(__name__)
 _NULL_ABORT = llama_cpp.ggml_abort_callback(0)
+ABORT_LIBRARY = 'libnemotron_ros_abort.so'
+# How often the prefill watchdog asks ``should_stop`` (it holds the GIL only for the check).
+WATCHDOG_POLL_S = 0.002
 _FLASH_ATTN = {'auto': -1, 'off': 0, 'on': 1}
 # Token kinds llama_tokenize matches in plain text: control and unknown tokens when it parses
 # special tokens (the prompt needs that), user-defined ones always.
@@ -61,8 +68,40 @@ def _check_gguf_header(path: str) -> None:
         raise LlamaLoadError(f'not a GGUF file (bad magic {magic!r}): {path}')
 
 
+def _find_abort_library() -> Optional[Path]:
+    """Our C abort callback (src/abort_flag.c), installed in ``<prefix>/lib``."""
+    prefixes = [Path(p) for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]
+    prefixes += list(Path(__file__).parents)  # the install tree, when not symlinked
+    for prefix in prefixes:
+        candidate = prefix / 'lib' / ABORT_LIBRARY
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _native_abort() -> Optional[llama_cpp.ggml_abort_callback]:
+    """The C abort callback as a ctypes function pointer, or None (with a warning)."""
+    path = _find_abort_library()
+    if path is None:
+        _LOG.warning('%s not found (build the package with colcon): prefill deadlines and '
+                     'cancels use a Python callback, which a busy Python thread slows down',
+                     ABORT_LIBRARY)
+        return None
+    try:
+        function = ctypes.CDLL(str(path)).nemotron_ros_abort_requested
+    except (OSError, AttributeError) as exc:
+        _LOG.warning('cannot load %s (%s): prefill aborts use a Python callback', path, exc)
+        return None
+    return llama_cpp.ggml_abort_callback(ctypes.cast(function, ctypes.c_void_p).value)
+
+
 class LlamaContext:
-    """One llama.cpp model and context, used from one thread at a time."""
+    """One llama.cpp model and context, used from one thread at a time.
+
+    Prefill aborts are GIL-free where our C callback is installed: llama.cpp polls it per
+    graph node, it reads :attr:`_abort_flag`, and a watchdog thread sets that byte when
+    ``should_stop`` turns true. Without the library, a ctypes callback polls ``should_stop``.
+    """
 
     def __init__(self, model_path: str, options: ContextOptions,
                  aborted: Optional[Callable[[], bool]] = None) -> None:
@@ -76,7 +115,10 @@ class LlamaContext:
         self.options = options
         self._stack = contextlib.ExitStack()
         self._abort_check: Optional[Callable[[], bool]] = None
-        self._abort_cb = llama_cpp.ggml_abort_callback(self._on_abort_poll)
+        self._abort_flag = ctypes.c_ubyte(0)
+        native = _native_abort()
+        self.native_abort = native is not None
+        self._abort_cb = native or llama_cpp.ggml_abort_callback(self._on_abort_poll)
         llama_logger.set_verbose(options.verbose)
         llama_cpp.llama_backend_init()
         try:
@@ -125,6 +167,10 @@ class LlamaContext:
                 f'(n_ctx={options.n_ctx}: out of memory?)')
         self.ctx = ctx
         self._stack.callback(llama_cpp.llama_free, ctx)
+        if self.native_abort:  # reads our flag byte, which stays 0 outside a watched prefill
+            llama_cpp.llama_set_abort_callback(ctx, self._abort_cb,
+                                               ctypes.cast(ctypes.byref(self._abort_flag),
+                                                           ctypes.c_void_p))
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -221,6 +267,24 @@ class LlamaContext:
     def copy_sequence(self, src: int, dst: int) -> None:
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    def save_sequence(self, path: str, seq: int, tokens: Sequence[int]) -> bool:
+        """Write ``seq``'s state, and the ``tokens`` it holds, to ``path``; False on failure."""
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        return llama_cpp.llama_state_seq_save_file(self.ctx, path.encode(), seq, array,
+                                                   len(tokens)) > 0
+
+    def load_sequence(self, path: str, seq: int, capacity: int) -> Optional[list[int]]:
+        """Read a state written by :meth:`save_sequence` into ``seq``; its tokens, or None."""
+        self.clear_sequence(seq)
+        array = (llama_cpp.llama_token * max(1, capacity))()
+        count = ctypes.c_size_t(0)
+        read = llama_cpp.llama_state_seq_load_file(self.ctx, path.encode(), seq, array,
+                                                   capacity, ctypes.byref(count))
+        if read == 0:
+            self.clear_sequence(seq)
+            return None
+        return list(array[:count.value])
+
     # -- evaluation -----------------------------------------------------------------------
     def _on_abort_poll(self, _data: ctypes.c_void_p) -> bool:
         check = self._abort_check
@@ -231,18 +295,45 @@ class LlamaContext:
         """Evaluate ``tokens`` on ``seq`` from ``start_pos`` in chunks of n_batch.
 
         ``should_stop`` is checked between chunks and, on CPU, inside each chunk through
-        llama.cpp's abort callback; when it fires, DecodeAbortedError is raised and the sequence
-        holds a partial state that the caller must clear.
+        llama.cpp's abort callback (see the class docstring); when it fires,
+        DecodeAbortedError is raised and the sequence holds a partial state that the caller
+        must clear.
         """
         n_batch = self.options.n_batch
         total = len(tokens)
-        for begin in range(0, total, n_batch):
-            if should_stop is not None and should_stop():
-                raise DecodeAbortedError()
-            chunk = tokens[begin:begin + n_batch]
-            last_chunk = begin + n_batch >= total
-            self._fill_batch(chunk, start_pos + begin, seq, want_logits and last_chunk)
-            self._run(should_stop)
+        with self._watch(should_stop):
+            for begin in range(0, total, n_batch):
+                if should_stop is not None and should_stop():
+                    raise DecodeAbortedError()
+                chunk = tokens[begin:begin + n_batch]
+                last_chunk = begin + n_batch >= total
+                self._fill_batch(chunk, start_pos + begin, seq, want_logits and last_chunk)
+                self._run(should_stop)
+
+    @contextlib.contextmanager
+    def _watch(self, should_stop: Optional[Callable[[], bool]]) -> Iterator[None]:
+        """Set the abort flag from a watchdog thread once ``should_stop`` is true."""
+        if should_stop is None or not self.native_abort:
+            yield
+            return
+        flag = self._abort_flag
+        flag.value = 0
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(WATCHDOG_POLL_S):
+                if should_stop():
+                    flag.value = 1
+                    return
+
+        watchdog = threading.Thread(target=watch, name='llama-abort-watchdog', daemon=True)
+        watchdog.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watchdog.join()
+            flag.value = 0
 
     def _fill_batch(self, chunk: Sequence[int], pos: int, seq: int, logits_last: bool) -> None:
         batch = self._batch
@@ -258,13 +349,14 @@ class LlamaContext:
             batch.logits[n - 1] = 1
 
     def _run(self, should_stop: Optional[Callable[[], bool]]) -> None:
-        if should_stop is not None:
+        python_hook = should_stop is not None and not self.native_abort
+        if python_hook:
             self._abort_check = should_stop
             llama_cpp.llama_set_abort_callback(self.ctx, self._abort_cb, None)
         try:
             rc = llama_cpp.llama_decode(self.ctx, self._batch)
         finally:
-            if should_stop is not None:
+            if python_hook:
                 llama_cpp.llama_set_abort_callback(self.ctx, _NULL_ABORT, None)
                 self._abort_check = None
         if rc == 2 or (rc != 0 and should_stop is not None and should_stop()):
