@@ -297,7 +297,7 @@ class RemoteBackend(Backend):
             return True
         else:
             problem = f'it ignored the grammar in {field} (answered {out[:40]!r})'
-        if self.config.require_grammar or finish is not FinishReason.STOP:
+        if self.config.require_grammar or finish not in (FinishReason.STOP, FinishReason.LENGTH):
             raise BackendError(f'remote.url {url} ({self._flavor}): no grammar support: '
                                f'{problem}')
         _LOG.warning('remote.url %s: %s; tool calls are not constrained (answers are still '
@@ -432,6 +432,7 @@ class RemoteBackend(Backend):
         url = self.config.url
         finish: Optional[str] = None
         server_tokens = 0
+        done = False
         for line in response.iter_lines():
             if stopper():
                 return stopper.reason, ''
@@ -439,6 +440,7 @@ class RemoteBackend(Backend):
                 continue  # blank separators, comments, event and id fields
             data = line[5:].strip()
             if data == '[DONE]':
+                done = True
                 break
             try:
                 event = json.loads(data)
@@ -472,9 +474,10 @@ class RemoteBackend(Backend):
             return FinishReason.LENGTH, ''
         if finish is None:
             return FinishReason.ERROR, (
-                f'{url} ended the stream without a finish reason after '
-                f'{stream.usage.completion_tokens} tokens (the server interrupted the request; '
-                'llama_cpp.server does so unless started with --interrupt_requests False)')
+                f'{url} ended the stream after {stream.usage.completion_tokens} tokens without '
+                f'a finish reason{"" if done else " or [DONE]"}: the server dropped the request '
+                '(its log says why; llama_cpp.server also drops a request when another arrives '
+                'unless started with --interrupt_requests False)')
         return FinishReason.ERROR, f'{url} ended the generation: finish_reason {finish!r}'
 
     # -- diagnostics ----------------------------------------------------------------------
