@@ -72,10 +72,12 @@ def _messages(text: str) -> list[Message]:
 
 
 def _story(**fields) -> GenerationRequest:
-    """A long unconstrained generation (ignore_eos), for deadlines, cancel and faults."""
+    """A long unconstrained generation (ignore_eos) after a short prompt (no tools), for
+    deadlines, cancel and faults: its first token comes quickly even on a loaded machine."""
     sampling = SamplingParams(max_tokens=fields.pop('max_tokens', 2000), ignore_eos=True)
-    return GenerationRequest(messages=_messages('Tell a long story.'), tools=TOOLS.names,
-                             constrained=False, sampling=sampling, **fields)
+    return GenerationRequest(messages=_messages('Tell a long story.'),
+                             tools=fields.pop('tools', ()), constrained=False,
+                             sampling=sampling, **fields)
 
 
 @pytest.fixture(scope='module')
@@ -270,12 +272,15 @@ def test_an_unknown_server_is_refused_unless_grammar_is_optional(
 
 # -- generation -----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_constrained_calls_always_parse_and_validate_over_200_seeds(tiny: RemoteBackend) -> None:
+def test_constrained_calls_always_parse_and_validate_over_60_seeds(tiny: RemoteBackend) -> None:
+    """The local backend's 200-seed test, on 60 seeds: through llama_cpp.server a generation
+    costs ~0.7 s here (it re-evaluates the hybrid model's whole prompt and re-parses the
+    grammar per request), twice the local backend's; 60 keep the suite's budget."""
     rng = random.Random(1234)
     names = list(TOOLS.names)
     returned = 0
     called: set[str] = set()
-    for seed in range(200):
+    for seed in range(60):
         allowed = rng.sample(names, rng.randint(1, len(names)))
         choice = ToolChoice.REQUIRED if seed % 2 else ToolChoice.AUTO
         result = tiny.generate(GenerationRequest(
@@ -294,8 +299,8 @@ def test_constrained_calls_always_parse_and_validate_over_200_seeds(tiny: Remote
             assert TOOLS.validate_call(call.name, call.arguments) == []
             called.add(call.name)
         returned += len(result.tool_calls)
-    assert returned >= 50, f'only {returned} valid calls in 200 generations'
-    assert len(called) >= 5, f'too few distinct tools exercised: {called}'
+    assert returned >= 15, f'only {returned} valid calls in 60 generations'
+    assert len(called) >= 4, f'too few distinct tools exercised: {called}'
 
 
 @pytest.mark.slow
@@ -447,7 +452,7 @@ def test_a_prompt_longer_than_the_servers_context_ends_error(smol_path: str,
         backend = RemoteBackend(RemoteConfig(url=server.url, tokenizer_path=smol_path), TOOLS)
         backend.load()
         try:
-            result = backend.generate(_story(max_tokens=4))
+            result = backend.generate(_story(max_tokens=4, tools=TOOLS.names))
             assert result.finish_reason is FinishReason.ERROR
             assert re.search(r'ended the stream after 0 tokens without a finish reason or '
                              r'\[DONE\]: the server dropped the request', result.error), \

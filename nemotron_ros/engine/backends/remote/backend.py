@@ -21,8 +21,11 @@ of the local backends:
 
 ``Usage`` is reported like a local backend's (prefill = time to first token as seen here,
 network included; decode rate from the streamed tokens), so admission control learns the
-remote's real rates. The server's own prefix cache is opaque to the node: the whole prompt
-counts as evaluated, and the learned per-token cost reflects what caching saves.
+remote's real rates. The fixed prefix counts as reused when the previous request sent the
+same one: the server's prefix cache keeps it (llama-server, llama_cpp.server, vLLM's and
+SGLang's prefix caching). Where a server re-evaluates it anyway (a hybrid model on
+llama_cpp.server), its constant cost lands in the fixed part of the estimator's prefill fit,
+so admission stays right either way; a server that reports ``cached_tokens`` is believed.
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ class RemoteBackend(Backend):
         self._flavor = config.flavor
         self._constrains = False
         self._n_ctx = config.n_ctx
+        self._sent_prefix = ''
         self.info: Optional[ModelInfo] = None
         self._health_lock = threading.Lock()
         self._reachable = False
@@ -335,6 +339,9 @@ class RemoteBackend(Backend):
         with self._guard.use():
             return len(self._vocab.tokenize(text))
 
+    def reuses_prefix(self, prefix: str) -> bool:
+        return bool(prefix) and prefix == self._sent_prefix
+
     # -- generation -----------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> GenerationResult:
         with self._guard.use():
@@ -349,8 +356,11 @@ class RemoteBackend(Backend):
             self._flavor, self._model, prepared.rendered.text, prepared.prefix + prepared.suffix,
             request.sampling, prepared.max_tokens, grammar, self._vocab.eog_tokens
             if request.sampling.ignore_eos and self._flavor == 'llama_cpp' else ())
+        if self.reuses_prefix(prepared.rendered.prefix):
+            usage.prompt_tokens_reused = len(prepared.prefix)
         stream = TokenStream(usage, started, request.on_token)
         finish, error = self._attempts(body, Stopper(request), stream)
+        self._sent_prefix = prepared.rendered.prefix if finish is not FinishReason.ERROR else ''
         result = GenerationResult(usage=usage, raw_text=stream.finish(), finish_reason=finish,
                                   error=error)
         usage.total_s = time.monotonic() - started
@@ -451,8 +461,11 @@ class RemoteBackend(Backend):
             if event.get('error'):
                 return FinishReason.ERROR, f'{url} reported an error mid-stream: ' \
                     f'{_message(event["error"])}'
-            if isinstance(usage, dict) and isinstance(usage.get('completion_tokens'), int):
-                server_tokens = usage['completion_tokens']
+            if isinstance(usage, dict):
+                server_tokens = _count(usage, 'completion_tokens') or server_tokens
+                cached = _count(usage.get('prompt_tokens_details'), 'cached_tokens')
+                if cached is not None:
+                    stream.usage.prompt_tokens_reused = min(cached, stream.usage.prompt_tokens)
             if not choices:
                 continue  # the usage-only chunk that ends a vLLM/SGLang/TRT-LLM stream
             choice = choices[0] if isinstance(choices, list) else None
@@ -524,6 +537,12 @@ class RemoteBackend(Backend):
         finally:
             with self._health_lock:
                 self._probing = False
+
+
+def _count(data: object, key: str) -> Optional[int]:
+    """``data[key]`` when ``data`` is a dict holding an integer there, else None."""
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _describe(exc: BaseException) -> str:
