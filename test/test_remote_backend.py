@@ -14,7 +14,6 @@ an HTTP 500 or 503 and a malformed event stream.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import socket
@@ -221,6 +220,7 @@ def proxy(tiny_server: LlamaCppServer) -> Iterator[FaultProxy]:
 def test_configure_finds_the_server_its_model_and_grammar(tiny: RemoteBackend) -> None:
     assert tiny.flavor == 'llama_cpp' and tiny.constrains
     assert tiny.info.architecture == 'nemotron_h' and tiny.info.chat_format == 'nemotron'
+    assert tiny.info.recurrent and tiny.info.path == f'{tiny.config.url} (tiny, llama_cpp)'
     health = tiny.health()
     values = dict(health.values)
     assert health.ok and values['remote.reachable'] == 'true'
@@ -534,11 +534,14 @@ def test_served_command_plan_and_admission_through_the_server(remote_node) -> No
 
 
 @pytest.mark.ros
-def test_configure_fails_with_one_line_naming_the_url(ros, node_factory, tiny_model) -> None:
+def test_configure_fails_with_one_line_naming_the_url(ros, node_factory, tiny_model,
+                                                      capfd) -> None:
     url = f'http://127.0.0.1:{free_port()}'
     node = node_factory(tiny_model, activate=False, backend='remote', **{'remote.url': url})
     assert node.trigger_configure() != SUCCESS
     assert node._engine.backend is None
+    lines = [line for line in capfd.readouterr().err.splitlines() if f'remote.url {url}' in line]
+    assert len(lines) == 1 and 'server not reachable' in lines[0], lines
 
 
 @pytest.mark.ros
@@ -599,4 +602,3 @@ def test_remote_settings_reach_the_backend() -> None:
         EngineConfig.from_parameters({'remote.api_key_env': 'sk-123 secret'})
     with pytest.raises(ValueError, match='remote.url is empty'):
         RemoteConfig(url='', tokenizer_path='/models/nano.gguf')
-    assert os.environ.get('GPU_KEY') is None

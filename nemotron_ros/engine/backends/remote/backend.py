@@ -191,6 +191,8 @@ class RemoteBackend(Backend):
         if self._client is not None:
             return self.info
         config = self.config
+        self._model, self._flavor, self._n_ctx = config.model, config.flavor, config.n_ctx
+        self._constrains, self._sent_prefix = False, ''
         try:
             vocab = GgufVocabulary(config.tokenizer_path)
         except LlamaLoadError as exc:
@@ -217,7 +219,7 @@ class RemoteBackend(Backend):
         self.info = ModelInfo(
             path=f'{config.url} ({self._model}, {self._flavor})', architecture=arch,
             chat_format=self.prompt_format.name, n_ctx=self._n_ctx, n_vocab=vocab.n_vocab,
-            recurrent=False)
+            recurrent=vocab.recurrent)
         self._guard.open()
         return self.info
 
