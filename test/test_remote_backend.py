@@ -270,6 +270,26 @@ def test_an_unknown_server_is_refused_unless_grammar_is_optional(
         backend.unload()
 
 
+def test_each_flavor_sends_the_grammar_in_its_own_field() -> None:
+    from nemotron_ros.engine.backends.remote.flavors import completion_body, detect
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True)
+    bodies = {f: completion_body(f, 'm', 'text', [1, 2], sampling, 8, 'root ::= "x"', (7,))
+              for f in ('llama_cpp', 'vllm', 'sglang', 'trtllm')}
+    assert bodies['llama_cpp']['grammar'] == 'root ::= "x"'
+    assert bodies['vllm']['structured_outputs'] == {'grammar': 'root ::= "x"'}
+    assert bodies['sglang']['ebnf'] == 'root ::= "x"'
+    assert bodies['trtllm']['response_format'] == {'type': 'ebnf', 'ebnf': 'root ::= "x"'}
+    assert bodies['llama_cpp']['prompt'] == 'text'
+    assert all(bodies[f]['prompt'] == [1, 2] and bodies[f]['skip_special_tokens'] is False
+               for f in ('vllm', 'sglang', 'trtllm'))
+    assert not any(bodies[f]['ignore_eos'] for f in ('vllm', 'sglang', 'trtllm')), \
+        'a finished grammar allows nothing else: ignore_eos only without one'
+    free = completion_body('llama_cpp', 'm', 'text', [1], sampling, 8, None, (7,))
+    assert free['logit_bias'] == {'7': -1.0e9} and 'grammar' not in free
+    assert [detect(o) for o in ('vllm', 'sglang', 'tensorrt_llm', 'llamacpp', 'me', 'x')] == \
+        ['vllm', 'sglang', 'trtllm', 'llama_cpp', 'llama_cpp', None]
+
+
 # -- generation -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_constrained_calls_always_parse_and_validate_over_60_seeds(tiny: RemoteBackend) -> None:
@@ -415,9 +435,14 @@ def test_a_stalled_stream_ends_at_the_deadline_or_after_the_stall_timeout(
         result = backend.generate(_story(deadline=deadline, on_token=freeze_after_three))
         assert result.finish_reason is FinishReason.DEADLINE
         assert time.monotonic() - deadline < 0.5
+        # Still frozen: now the server's headers never arrive either.
+        deadline = time.monotonic() + 0.3
+        result = backend.generate(_story(max_tokens=8, deadline=deadline))
+        assert result.finish_reason is FinishReason.DEADLINE
+        assert time.monotonic() - deadline < 0.5
         result = backend.generate(_story(max_tokens=8))
         assert result.finish_reason is FinishReason.ERROR
-        assert re.search(r'stalled: no token for 0.5 s after \d+ tokens', result.error)
+        assert re.search(r'stalled: no token for 0.5 s after 0 tokens', result.error)
     finally:
         backend.unload()
 

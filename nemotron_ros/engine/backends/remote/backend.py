@@ -400,7 +400,9 @@ class RemoteBackend(Backend):
         connect, stall = self.config.connect_timeout_s, self.config.stall_timeout_s
         if stopper.deadline is not None:
             left = max(0.001, stopper.deadline - time.monotonic())
-            connect, stall = min(connect, left), min(stall, left + 1.0)
+            # A server silent before its headers is cut by this read timeout at the deadline;
+            # once streaming, the watcher shuts the socket down then.
+            connect, stall = min(connect, left), min(stall, left + 0.01)
         return httpx.Timeout(stall, connect=connect)
 
     def _stream(self, body: dict[str, Any], stopper: Stopper,
