@@ -8,7 +8,10 @@ loopback, one thread, like the local arm; both read the same GGUF. Three measure
   grammar-constrained tool call and a short unconstrained reply) through the remote backend
   divided by the local llama.cpp backend; the arms are interleaved, alternating which goes
   first, and the ratio of medians is reported (goal: <= 1.10 on SmolLM2). Both keep the fixed
-  prefix: the local backend in its second sequence, the server in its prompt cache.
+  prefix: the local backend in its second sequence, the server in its prompt cache. A third
+  arm streams the same HTTP request with nothing on top (``bare``): remote ÷ bare is what the
+  backend adds, bare ÷ local what the server (llama_cpp.server's Python loop) and the wire
+  cost.
 * **Deadline hit rate**: ``--plans`` requests with budgets drawn from ``--budgets`` through an
   :class:`Engine` on the remote backend (admission control learns the server's rates at
   warm-up): the share answered by their deadline (OK, or refused at once as REJECTED_BUDGET),
@@ -36,7 +39,10 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -47,6 +53,7 @@ from nemotron_ros.engine.backends.remote.backend import (  # noqa: E402
     RemoteBackend,
     RemoteConfig,
 )
+from nemotron_ros.engine.backends.remote.flavors import completion_body  # noqa: E402
 from nemotron_ros.engine.config import EngineConfig  # noqa: E402
 from nemotron_ros.engine.runtime import Engine, Prompt  # noqa: E402
 from nemotron_ros.engine.scheduler import RequestStatus  # noqa: E402
@@ -95,7 +102,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                         help='smollm2, tiny_nemotron_h or a GGUF path')
     parser.add_argument('--reps', type=int, default=12, help='interleaved pairs per request')
     parser.add_argument('--plans', type=int, default=100, help='mixed-budget plans')
-    parser.add_argument('--budgets', default='150,300,600,1200,2400,5000',
+    parser.add_argument('--budgets', default='500,1000,2000,3000,4000,6000',
                         help='budgets of the plans, ms (drawn uniformly)')
     parser.add_argument('--clients', type=int, default=4)
     parser.add_argument('--shared', type=int, default=6, help='requests per shared client')
@@ -124,21 +131,22 @@ def _overhead(server: LlamaCppServer, model: str, args: argparse.Namespace) -> l
                                      n_threads=args.threads), TOOLS)
     remote = RemoteBackend(RemoteConfig(url=server.url, tokenizer_path=str(model),
                                         n_ctx=args.n_ctx, stall_timeout_s=120.0), TOOLS)
+    bare = _BareStream(server, str(model), args.n_ctx)
     local.load()
     remote.load()
     rows = []
     try:
         for name in ('tool call', 'reply'):
             times: dict[str, dict[str, list[float]]] = {
-                arm: {'ttft': [], 'total': []} for arm in ('local', 'remote')}
-            for backend in (local, remote):  # the first call of each builds its caches
+                arm: {'ttft': [], 'total': []} for arm in ('local', 'remote', 'bare')}
+            for backend in (local, remote, bare):  # the first call of each builds its caches
                 backend.generate(_request(name, 'Wait here.', args.max_tokens))
             for rep in range(args.reps):
                 # A new request text every time, the same for both arms: each evaluates the
                 # request after the fixed prefix that it keeps (never a whole cached prompt).
                 request = _request(name, f'{GOALS[rep % len(GOALS)]} (task {rep}).',
                                    args.max_tokens)
-                arms = [('local', local), ('remote', remote)]
+                arms = [('local', local), ('remote', remote), ('bare', bare)]
                 for arm, backend in arms if rep % 2 == 0 else arms[::-1]:
                     usage = backend.generate(request).usage
                     times[arm]['ttft'].append(usage.time_to_first_token_s)
@@ -150,11 +158,49 @@ def _overhead(server: LlamaCppServer, model: str, args: argparse.Namespace) -> l
             for key in ('ttft', 'total'):
                 row[f'{key}_ratio'] = row[f'remote_{key}_median_ms'] / \
                     row[f'local_{key}_median_ms']
+                row[f'{key}_ratio_to_bare'] = row[f'remote_{key}_median_ms'] / \
+                    row[f'bare_{key}_median_ms']
             rows.append(row)
     finally:
         local.unload()
         remote.unload()
+        bare.close()
     return rows
+
+
+class _BareStream:
+    """The request the remote backend sends, streamed with nothing on top: the server's cost.
+
+    The body is built as the backend builds it (rendered prompt, grammar) and its events are
+    only iterated, so remote ÷ bare is what the backend itself adds (deadline watcher, text
+    assembly, parsing and validation) and bare ÷ local is the server's and the wire's share.
+    """
+
+    def __init__(self, server: LlamaCppServer, model: str, n_ctx: int) -> None:
+        self.alias = server.alias
+        self.shaper = RemoteBackend(RemoteConfig(url=server.url, tokenizer_path=model,
+                                                 n_ctx=n_ctx), TOOLS)
+        self.shaper.load()
+        self.client = httpx.Client(base_url=f'{server.url}/v1', timeout=120.0)
+
+    def generate(self, request: GenerationRequest) -> SimpleNamespace:
+        started = time.monotonic()
+        prepared = self.shaper.prepare(request, lambda text: [0] * self.shaper.count_tokens(
+            text), self.shaper.info.n_ctx)
+        body = completion_body('llama_cpp', self.alias, prepared.rendered.text, (),
+                               request.sampling, prepared.max_tokens, prepared.grammar)
+        first = 0.0
+        with self.client.stream('POST', '/completions', json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith('data:') and not first:
+                    first = time.monotonic()
+        now = time.monotonic()
+        return SimpleNamespace(usage=SimpleNamespace(time_to_first_token_s=first - started,
+                                                     total_s=now - started))
+
+    def close(self) -> None:
+        self.client.close()
+        self.shaper.unload()
 
 
 def _engine(server: LlamaCppServer, model: str, args: argparse.Namespace) -> Engine:
@@ -252,7 +298,13 @@ def _plot(report: dict, path: Path) -> None:
     rows = report['overhead']
     labels = [f"{r['request']}\n{key}" for r in rows for key in ('ttft', 'total')]
     ratios = [r[f'{key}_ratio'] for r in rows for key in ('ttft', 'total')]
-    axes[0].bar(labels, ratios, color='tab:blue')
+    to_bare = [r[f'{key}_ratio_to_bare'] for r in rows for key in ('ttft', 'total')]
+    spots = range(len(labels))
+    axes[0].bar([s - 0.2 for s in spots], ratios, width=0.4, color='tab:blue',
+                label='remote / local llama.cpp')
+    axes[0].bar([s + 0.2 for s in spots], to_bare, width=0.4, color='tab:orange',
+                label='remote / bare HTTP stream')
+    axes[0].set_xticks(list(spots), labels)
     axes[0].axhline(1.10, color='tab:red', linestyle='--', label='goal 1.10')
     axes[0].set_ylabel('remote / local, ratio of medians')
     axes[0].set_title(f"overhead, {report['args']['reps']} interleaved pairs")
@@ -280,12 +332,14 @@ def _plot(report: dict, path: Path) -> None:
 
 
 def _print_summary(report: dict, out: Path) -> None:
-    print('\nrequest     local ttft  remote ttft  ratio   local total  remote total  ratio')
+    print('\nrequest     medians ms: ttft local/remote/bare  total local/remote/bare'
+          '   remote/local ttft, total   remote/bare ttft, total')
     for r in report['overhead']:
-        print(f"{r['request']:<10} {r['local_ttft_median_ms']:9.1f}  "
-              f"{r['remote_ttft_median_ms']:11.1f}  {r['ttft_ratio']:5.3f}  "
-              f"{r['local_total_median_ms']:11.1f}  {r['remote_total_median_ms']:12.1f}  "
-              f"{r['total_ratio']:5.3f}")
+        print(f"{r['request']:<10} {r['local_ttft_median_ms']:8.1f}"
+              f" {r['remote_ttft_median_ms']:7.1f} {r['bare_ttft_median_ms']:7.1f}  {r['local_total_median_ms']:8.1f}"
+              f" {r['remote_total_median_ms']:7.1f} {r['bare_total_median_ms']:7.1f}"
+              f"   {r['ttft_ratio']:5.3f} {r['total_ratio']:5.3f}"
+              f"   {r['ttft_ratio_to_bare']:5.3f} {r['total_ratio_to_bare']:5.3f}")
     d = report['deadlines']
     print(f"\ndeadline hit rate: {d['hit_rate']:.1%} of {d['plans']} plans {d['statuses']}; "
           f"latest answer {d['late_ms_max']:.1f} ms after its deadline")
