@@ -336,7 +336,8 @@ def _print_summary(report: dict, out: Path) -> None:
           '   remote/local ttft, total   remote/bare ttft, total')
     for r in report['overhead']:
         print(f"{r['request']:<10} {r['local_ttft_median_ms']:8.1f}"
-              f" {r['remote_ttft_median_ms']:7.1f} {r['bare_ttft_median_ms']:7.1f}  {r['local_total_median_ms']:8.1f}"
+              f" {r['remote_ttft_median_ms']:7.1f} {r['bare_ttft_median_ms']:7.1f}"
+              f"  {r['local_total_median_ms']:8.1f}"
               f" {r['remote_total_median_ms']:7.1f} {r['bare_total_median_ms']:7.1f}"
               f"   {r['ttft_ratio']:5.3f} {r['total_ratio']:5.3f}"
               f"   {r['ttft_ratio_to_bare']:5.3f} {r['total_ratio_to_bare']:5.3f}")
