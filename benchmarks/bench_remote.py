@@ -84,8 +84,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with LlamaCppServer(model, alias=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
                         log=log) as server:
         overhead = _overhead(server, model, args)
-        deadlines = _deadlines(server, model, args)
-        shared = _shared(server, model, args)
+        deadlines = _deadlines(server, model, args) if args.plans else {}
+        shared = _shared(server, model, args) if args.shared else []
     report = {'machine': {'platform': platform.platform(), 'python': platform.python_version(),
                           'threads': args.threads},
               'args': vars(args), 'model': str(model), 'overhead': overhead,
@@ -144,10 +144,12 @@ def _overhead(server: LlamaCppServer, model: str, args: argparse.Namespace) -> l
             for rep in range(args.reps):
                 # A new request text every time, the same for both arms: each evaluates the
                 # request after the fixed prefix that it keeps (never a whole cached prompt).
-                request = _request(name, f'{GOALS[rep % len(GOALS)]} (task {rep}).',
-                                   args.max_tokens)
                 arms = [('local', local), ('remote', remote), ('bare', bare)]
                 for arm, backend in arms if rep % 2 == 0 else arms[::-1]:
+                    # Same length for every arm, but not the same text: the server must not
+                    # find the previous arm's whole prompt in its cache.
+                    request = _request(name, f'{GOALS[rep % len(GOALS)]} (task {rep}'
+                                       f'{arm[0]}).', args.max_tokens)
                     usage = backend.generate(request).usage
                     times[arm]['ttft'].append(usage.time_to_first_token_s)
                     times[arm]['total'].append(usage.total_s)
@@ -309,15 +311,16 @@ def _plot(report: dict, path: Path) -> None:
     axes[0].set_ylabel('remote / local, ratio of medians')
     axes[0].set_title(f"overhead, {report['args']['reps']} interleaved pairs")
     axes[0].legend()
-    budgets = report['deadlines']['by_budget']
+    budgets = report['deadlines'].get('by_budget', {})
     keys = sorted(budgets, key=int)
     axes[1].bar([str(k) for k in keys], [budgets[k]['hit_rate'] for k in keys],
                 color='tab:green')
     axes[1].set_ylim(0, 1.05)
     axes[1].set_xlabel('budget (ms)')
     axes[1].set_ylabel('answered by the deadline')
-    axes[1].set_title(f"deadline hit rate, {report['deadlines']['plans']} plans: "
-                      f"{report['deadlines']['hit_rate']:.0%}")
+    if budgets:
+        axes[1].set_title(f"deadline hit rate, {report['deadlines']['plans']} plans: "
+                          f"{report['deadlines']['hit_rate']:.0%}")
     shared = report['shared']
     axes[2].bar([str(r['clients']) for r in shared], [r['requests_per_s'] for r in shared],
                 color='tab:purple')
@@ -341,7 +344,7 @@ def _print_summary(report: dict, out: Path) -> None:
               f" {r['remote_total_median_ms']:7.1f} {r['bare_total_median_ms']:7.1f}"
               f"   {r['ttft_ratio']:5.3f} {r['total_ratio']:5.3f}"
               f"   {r['ttft_ratio_to_bare']:5.3f} {r['total_ratio_to_bare']:5.3f}")
-    d = report['deadlines']
+    d = report['deadlines'] or {'hit_rate': 0.0, 'plans': 0, 'statuses': {}, 'late_ms_max': 0.0}
     print(f"\ndeadline hit rate: {d['hit_rate']:.1%} of {d['plans']} plans {d['statuses']}; "
           f"latest answer {d['late_ms_max']:.1f} ms after its deadline")
     for r in report['shared']:

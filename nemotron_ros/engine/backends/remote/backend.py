@@ -62,8 +62,9 @@ _LOG = logging.getLogger(__name__)
 
 #: Statuses worth another attempt (the request never started on the server).
 _RETRYABLE = frozenset({502, 503, 504})
-#: How often a request's watcher checks its deadline and cancel token (seconds).
-_WATCH_PERIOD_S = 0.005
+#: How often a request's watcher checks its cancel token (seconds); it wakes at the deadline
+#: itself. Streamed tokens check both at once, so this only bounds a silent server's cancel.
+_WATCH_PERIOD_S = 0.05
 #: Diagnostics probe the server at most this often (seconds).
 _PROBE_PERIOD_S = 5.0
 #: The configure check's grammar: a server that honours it can only write digits in order.
@@ -131,7 +132,12 @@ class _Watcher:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._done.wait(_WATCH_PERIOD_S):
+        deadline = self._stopper.deadline
+        while True:
+            wait = _WATCH_PERIOD_S if deadline is None else \
+                max(0.0, min(_WATCH_PERIOD_S, deadline - time.monotonic()))
+            if self._done.wait(wait):
+                return
             if self._stopper():
                 _shutdown(self._response)
                 return
