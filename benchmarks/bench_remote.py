@@ -144,12 +144,15 @@ def _overhead(server: LlamaCppServer, model: str, args: argparse.Namespace) -> l
             for rep in range(args.reps):
                 # A new request text every time, the same for both arms: each evaluates the
                 # request after the fixed prefix that it keeps (never a whole cached prompt).
+                request = _request(name, f'{GOALS[rep % len(GOALS)]} (task {rep}).',
+                                   args.max_tokens)
                 arms = [('local', local), ('remote', remote), ('bare', bare)]
                 for arm, backend in arms if rep % 2 == 0 else arms[::-1]:
-                    # Same length for every arm, but not the same text: the server must not
-                    # find the previous arm's whole prompt in its cache.
-                    request = _request(name, f'{GOALS[rep % len(GOALS)]} (task {rep}'
-                                       f'{arm[0]}).', args.max_tokens)
+                    if arm != 'local':
+                        # Leave the server holding the prefix, not this whole prompt from the
+                        # previous arm: each arm then evaluates the request after the prefix,
+                        # as the local backend does (untimed).
+                        bare.generate(_request(name, 'Wait here.', 1))
                     usage = backend.generate(request).usage
                     times[arm]['ttft'].append(usage.time_to_first_token_s)
                     times[arm]['total'].append(usage.total_s)
