@@ -102,7 +102,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                         help='smollm2, tiny_nemotron_h or a GGUF path')
     parser.add_argument('--reps', type=int, default=12, help='interleaved pairs per request')
     parser.add_argument('--plans', type=int, default=100, help='mixed-budget plans')
-    parser.add_argument('--budgets', default='500,1000,2000,3000,4000,6000',
+    parser.add_argument('--budgets', default='500,1000,2000,4000,8000,16000',
                         help='budgets of the plans, ms (drawn uniformly)')
     parser.add_argument('--clients', type=int, default=4)
     parser.add_argument('--shared', type=int, default=6, help='requests per shared client')

@@ -425,24 +425,25 @@ class RemoteBackend(Backend):
                     if response.status_code != 200:
                         response.read()
                         raise _AttemptError(f'{url} answered HTTP {response.status_code}: '
-                                       f'{_error_text(response)}',
-                                       retry=response.status_code in _RETRYABLE)
+                                            f'{_error_text(response)}',
+                                            retry=response.status_code in _RETRYABLE)
                     reason, error = self._read(response, stopper, stream)
                 finally:
                     watcher.stop()
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise _AttemptError(f'cannot connect to {url}: {_describe(exc)}', retry=True,
-                           reachable=False) from None
+                                reachable=False) from None
         except httpx.ReadTimeout:
             if stopper():
                 return stopper.reason, ''
-            raise _AttemptError(f'{url} stalled: no token for {self.config.stall_timeout_s:g} s '
-                           f'after {stream.usage.completion_tokens} tokens') from None
+            raise _AttemptError(f'{url} stalled: no token for {self.config.stall_timeout_s:g} '
+                                f's after {stream.usage.completion_tokens} tokens') from None
         except httpx.HTTPError as exc:
             if stopper():
                 return stopper.reason, ''
-            raise _AttemptError(f'connection to {url} lost after {stream.usage.completion_tokens} '
-                           f'tokens: {_describe(exc)}') from None
+            raise _AttemptError(f'connection to {url} lost after '
+                                f'{stream.usage.completion_tokens} tokens: {_describe(exc)}') \
+                from None
         self._record(True, latency, error)
         return reason, error
 

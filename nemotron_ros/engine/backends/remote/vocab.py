@@ -43,8 +43,5 @@ class GgufVocabulary(LlamaContext):
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._piece_buf = ctypes.create_string_buffer(256)
-
-    @property
-    def eog_tokens(self) -> tuple[int, ...]:
-        """Every end-of-generation token (a server is told to ban them for ``ignore_eos``)."""
-        return tuple(t for t in range(self.n_vocab) if self.is_eog(t))
+        # Every end-of-generation token (a server is told to ban them for ``ignore_eos``).
+        self.eog_tokens = tuple(t for t in range(self.n_vocab) if self.is_eog(t))
