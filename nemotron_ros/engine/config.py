@@ -149,10 +149,6 @@ class EngineConfig:
 
     def backend_options(self, model_path: str) -> dict[str, Any]:
         """Options for ``create_backend(self.backend, ...)``."""
-        if self.backend == 'llama_cpp':
-            return {'model_path': model_path, 'n_ctx': self.n_ctx, 'n_threads': self.n_threads,
-                    'n_gpu_layers': self.n_gpu_layers, 'n_batch': self.n_batch,
-                    'flash_attn': self.flash_attn, 'prefix_cache': self.prefix_cache}
         if self.backend == 'remote':
             return {'tokenizer_path': model_path, 'url': self.remote_url,
                     'model': self.remote_model, 'api_key_env': self.remote_api_key_env,
@@ -160,6 +156,10 @@ class EngineConfig:
                     'connect_timeout_s': self.remote_connect_timeout_ms / 1000.0,
                     'stall_timeout_s': self.remote_stall_timeout_ms / 1000.0,
                     'max_retries': self.remote_max_retries, 'n_ctx': self.n_ctx}
+        if self.backend == 'llama_cpp':
+            return {'model_path': model_path, 'n_ctx': self.n_ctx, 'n_threads': self.n_threads,
+                    'n_gpu_layers': self.n_gpu_layers, 'n_batch': self.n_batch,
+                    'flash_attn': self.flash_attn, 'prefix_cache': self.prefix_cache}
         return {'model_path': model_path, 'n_threads': self.n_threads, 'n_ctx': self.n_ctx,
                 'prefix_cache': self.prefix_cache, 'device': self.device, 'fp8': self.fp8}
 
