@@ -575,6 +575,11 @@ class NemotronNode(LifecycleNode):
             if stats.consecutive_errors >= 3:
                 status.level = DiagnosticStatus.ERROR
                 status.message = f'{stats.consecutive_errors} consecutive backend errors'
+            backend = self._engine.backend
+            health = backend.health() if backend is not None else None
+            if health is not None and not health.ok:
+                status.level = DiagnosticStatus.ERROR
+                status.message = health.message
             node_values = [
                 ('model', info.path), ('architecture', info.architecture),
                 ('queue_depth', stats.queue_depth), ('running', stats.running or ''),
@@ -584,6 +589,7 @@ class NemotronNode(LifecycleNode):
                 ('budget_misses', stats.budget_misses),
                 ('dropped_tool_calls', stats.dropped_tool_calls),
                 *((f'count.{name}', n) for name, n in stats.counts.items()),
+                *(health.values if health is not None else ()),
                 *node_values]
         status.values = [KeyValue(key=k, value=str(v)) for k, v in node_values]
         return status

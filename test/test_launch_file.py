@@ -285,7 +285,7 @@ def test_every_import_is_a_declared_run_time_dependency(tree: ast.Module) -> Non
 
 #: Third-party Python modules and their rosdep keys.
 ROSDEP_KEYS = {'yaml': 'python3-yaml', 'jsonschema': 'python3-jsonschema',
-               'jinja2': 'python3-jinja2', 'numpy': 'python3-numpy'}
+               'jinja2': 'python3-jinja2', 'numpy': 'python3-numpy', 'httpx': 'python3-httpx'}
 #: Modules with no rosdep key: package.xml must name their pip distribution in a comment.
 PIP_ONLY = {'llama_cpp': 'llama-cpp-python', 'torch': 'torch', 'transformers': 'transformers',
             'tokenizers': 'tokenizers', 'safetensors': 'safetensors', 'xgrammar': 'xgrammar',

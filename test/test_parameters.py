@@ -120,7 +120,7 @@ def test_choices_are_defined_once() -> None:
     ({'temperature': float('nan')}, r'temperature must be in \[0.0, 2.0\], got nan'),
     ({'n_ctx': '4096'}, "n_ctx must be an integer, got '4096'"),
     ({'prefix_cache': 1}, 'prefix_cache must be a boolean, got 1'),
-    ({'backend': 'onnx'}, "backend must be one of llama_cpp, torch; got 'onnx'"),
+    ({'backend': 'onnx'}, "backend must be one of llama_cpp, torch, remote; got 'onnx'"),
     ({'device': 'gpu'}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"),
 ])
 def test_engine_config_names_the_parameter(changes: dict, message: str) -> None:
@@ -237,7 +237,7 @@ def test_runtime_set_of_a_bad_value_is_refused_with_the_table_reason(context) ->
     try:
         result = node.set_parameters([Parameter('backend', value='onnx')])[0]
         assert not result.successful
-        assert result.reason == "backend must be one of llama_cpp, torch; got 'onnx'"
+        assert result.reason == "backend must be one of llama_cpp, torch, remote; got 'onnx'"
         assert node.get_parameter('backend').value == 'llama_cpp'
         result = node.set_parameters([Parameter('device', value='gpu')])[0]
         assert not result.successful and result.reason.startswith('device must be')

@@ -67,7 +67,8 @@ pip_quiet() {
 
 requirement_files() {
   local files=("$ROOT/requirements/ros-$DISTRO.txt" "$ROOT/requirements/base.txt"
-               "$ROOT/requirements/llama.txt" "$ROOT/requirements/test.txt")
+               "$ROOT/requirements/llama.txt" "$ROOT/requirements/remote.txt"
+               "$ROOT/requirements/test.txt")
   [ "$WITH_TORCH" = 1 ] && files+=("$ROOT/requirements/torch.txt")
   printf '%s\n' "${files[@]}"
 }

@@ -81,6 +81,14 @@ class EngineConfig:
     llama_state_cache_dir: str = default('llama.state_cache_dir')
     device: str = default('device')
     fp8: str = default('fp8')
+    remote_url: str = default('remote.url')
+    remote_model: str = default('remote.model')
+    remote_api_key_env: str = default('remote.api_key_env')
+    remote_flavor: str = default('remote.flavor')
+    remote_require_grammar: bool = default('remote.require_grammar')
+    remote_connect_timeout_ms: int = default('remote.connect_timeout_ms')
+    remote_stall_timeout_ms: int = default('remote.stall_timeout_ms')
+    remote_max_retries: int = default('remote.max_retries')
     default_budget_ms: int = default('default_budget_ms')
     response_margin_ms: int = default('response_margin_ms')
     queue_size: int = default('queue_size')
@@ -143,6 +151,13 @@ class EngineConfig:
 
     def backend_options(self, model_path: str) -> dict[str, Any]:
         """Options for ``create_backend(self.backend, ...)``."""
+        if self.backend == 'remote':
+            return {'tokenizer_path': model_path, 'url': self.remote_url,
+                    'model': self.remote_model, 'api_key_env': self.remote_api_key_env,
+                    'flavor': self.remote_flavor, 'require_grammar': self.remote_require_grammar,
+                    'connect_timeout_s': self.remote_connect_timeout_ms / 1000.0,
+                    'stall_timeout_s': self.remote_stall_timeout_ms / 1000.0,
+                    'max_retries': self.remote_max_retries, 'n_ctx': self.n_ctx}
         if self.backend == 'llama_cpp':
             return {'model_path': model_path, 'n_ctx': self.n_ctx, 'n_threads': self.n_threads,
                     'n_gpu_layers': self.n_gpu_layers, 'n_batch': self.n_batch,

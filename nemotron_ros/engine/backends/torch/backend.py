@@ -28,7 +28,6 @@ transformers' hybrid cache is what ``generate()`` does too.
 
 from __future__ import annotations
 
-import codecs
 import copy
 import gc
 import json
@@ -46,6 +45,7 @@ from ...prompt_format import select_prompt_format, vocab_markers
 from ...tools import ToolRegistry
 from ...types import CancelToken, FinishReason, GenerationRequest, GenerationResult, Usage
 from ..base import Backend, BackendError, ModelGuard, ModelInfo, Stopper
+from ..decoding import TokenStream
 from .checkpoint import CheckpointError, load_checkpoint
 from .sampling import Sampler
 from .xgrammar_constraint import GrammarBackend, RequestGrammar
@@ -289,9 +289,7 @@ class TorchBackend(Backend):
         Returns (text, finish reason, error message).
         """
         cache, logits = prefilled
-        decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-        pieces: list[str] = []
-        first_at = 0.0
+        stream = TokenStream(usage, started, on_token)
         finish, error = FinishReason.LENGTH, ''
         for _ in range(max_tokens):
             if stopper():
@@ -303,9 +301,7 @@ class TorchBackend(Backend):
                 finish, error = FinishReason.ERROR, 'no token is allowed next'
                 break
             token = sampler.sample(logits)
-            if usage.completion_tokens == 0:
-                first_at = time.monotonic()
-                usage.time_to_first_token_s = first_at - started
+            stream.first_token()
             if token in state.stop_ids:
                 finish = FinishReason.STOP
                 break
@@ -313,19 +309,9 @@ class TorchBackend(Backend):
                 finish, error = FinishReason.ERROR, f'the grammar refused token {token}'
                 break
             sampler.accept(token)
-            usage.completion_tokens += 1
-            text = decoder.decode(state.token_bytes[token])
-            if text:
-                pieces.append(text)
-                if on_token is not None:
-                    on_token(text)
+            stream.add_bytes(state.token_bytes[token])
             logits = _forward(state, [token], cache)
-        tail = decoder.decode(b'', final=True)
-        if tail:
-            pieces.append(tail)
-        if first_at:
-            usage.decode_s = time.monotonic() - first_at
-        return ''.join(pieces), finish, error
+        return stream.finish(), finish, error
 
 
 def _forward(state: _Loaded, tokens: Sequence[int], cache: Any) -> torch.Tensor:

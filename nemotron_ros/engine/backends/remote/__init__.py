@@ -1,0 +1,1 @@
+"""Remote runtime: an OpenAI-compatible server decodes; the node keeps every contract."""
