@@ -9,7 +9,6 @@ well under a millisecond), so time to first token depends on the new tokens only
 
 from __future__ import annotations
 
-import codecs
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from ...types import (
     Usage,
 )
 from ..base import Backend, BackendError, ModelGuard, ModelInfo, Stopper
+from ..decoding import TokenStream
 from .context import ContextOptions, DecodeAbortedError, LlamaContext, LlamaLoadError
 from .sampler import FirstByteIndex, GrammarCache, SamplerChain
 from .state_cache import PrefixStateCache
@@ -227,33 +227,19 @@ class LlamaBackend(Backend):
     def _decode_loop(self, llm: LlamaContext, sampler: SamplerChain, pos: int, max_tokens: int,
                      stopper: Stopper, usage: Usage, started: float,
                      on_token: Optional[Callable[[str], None]]) -> tuple[str, FinishReason]:
-        decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-        pieces: list[str] = []
-        first_at = 0.0
+        stream = TokenStream(usage, started, on_token)
         finish = FinishReason.LENGTH
         for _ in range(max_tokens):
             if stopper():
                 finish = stopper.reason
                 break
             token = sampler.sample(llm.ctx)
-            if usage.completion_tokens == 0:
-                first_at = time.monotonic()
-                usage.time_to_first_token_s = first_at - started
+            stream.first_token()
             if llm.is_eog(token):
                 finish = FinishReason.STOP
                 break
-            usage.completion_tokens += 1
-            text = decoder.decode(llm.piece(token))
-            if text:
-                pieces.append(text)
-                if on_token is not None:
-                    on_token(text)
+            stream.add_bytes(llm.piece(token))
             if usage.completion_tokens < max_tokens:  # the last token's logits are never used
                 llm.decode_one(token, pos, WORK_SEQ)
                 pos += 1
-        tail = decoder.decode(b'', final=True)
-        if tail:
-            pieces.append(tail)
-        if first_at:
-            usage.decode_s = time.monotonic() - first_at
-        return ''.join(pieces), finish
+        return stream.finish(), finish
