@@ -47,6 +47,7 @@ from nemotron_ros.engine.backends.remote.backend import (  # noqa: E402
     RemoteBackend,
     RemoteConfig,
 )
+from nemotron_ros.engine.runtime import Engine, EngineLoadError  # noqa: E402
 from nemotron_ros.engine.tools import ToolRegistry  # noqa: E402
 from nemotron_ros.engine.types import (  # noqa: E402
     CancelToken,
@@ -627,3 +628,12 @@ def test_remote_settings_reach_the_backend() -> None:
         EngineConfig.from_parameters({'remote.api_key_env': 'sk-123 secret'})
     with pytest.raises(ValueError, match='remote.url is empty'):
         RemoteConfig(url='', tokenizer_path='/models/nano.gguf')
+
+
+def test_remote_without_model_path_is_refused_at_load() -> None:
+    # The embedded default tokenizes for SmolLM2, not for whatever model the server serves.
+    from nemotron_ros.engine.config import EngineConfig
+    engine = Engine()
+    with pytest.raises(EngineLoadError, match='backend remote needs model_path'):
+        engine.load(EngineConfig(backend='remote', remote_url='http://127.0.0.1:9'))
+    assert engine.info is None

@@ -157,6 +157,12 @@ class Engine:
             tools = ToolRegistry.from_yaml(tools_file)
         except ToolConfigError as exc:
             raise EngineLoadError(str(exc)) from None
+        if config.backend == 'remote' and not config.model_path:
+            # The embedded SmolLM2 would tokenize for the wrong model: a server fed its
+            # token ids (vLLM, SGLang, trtllm-serve) would read garbage.
+            raise EngineLoadError(
+                'backend remote needs model_path: a GGUF of the model the server serves, read '
+                'for its tokenizer and chat template (the embedded default is not used here)')
         try:
             model_path = config.model_path or default_model_path()
         except FileNotFoundError as exc:
