@@ -9,8 +9,10 @@ in the prompt a request sees, rate-limited, bounded and neutralized like ``obser
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -209,12 +211,20 @@ def test_a_200_hz_topic_adds_at_most_two_per_period_plus_one(ros, node_factory, 
             sent.append(len(sent))
             robot.publish('test_battery', BatteryState(percentage=len(sent) / 400.0))
 
+    started = time.monotonic()
     timer = robot.node.create_timer(0.005, tick)
     assert wait_for(lambda: len(sent) == 400, 30.0)
     timer.cancel()
     assert wait_for(lambda: _handled(node, 'battery') == 400, 10.0), _counts(node)
+    # 2 s at 200 Hz on a quiet host; a loaded one publishes and delivers more slowly, and the
+    # limit is per period of the node's clock, so the bound follows the time actually taken.
+    span_s = max(2.0, time.monotonic() - started)
     counts = _counts(node)
-    assert 1 <= len(updates) <= 2 / min_period_s + 1, counts
+    assert 1 <= len(updates) <= span_s / min_period_s + 1, counts
+    # Kept messages are a period apart (stamps are read just after the limiter's clock, so
+    # allow for scheduling jitter; unlimited, 200 Hz would put them 5 ms apart).
+    gaps = [b.stamp - a.stamp for a, b in itertools.pairwise(updates)]
+    assert all(gap >= 0.9 * min_period_s for gap in gaps), gaps
     assert counts['battery'] == {'messages': 400, 'kept': len(updates),
                                  'dropped': 400 - len(updates), 'bad': 0}
 
