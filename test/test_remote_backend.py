@@ -293,15 +293,14 @@ def test_each_flavor_sends_the_grammar_in_its_own_field() -> None:
 
 # -- generation -----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_constrained_calls_always_parse_and_validate_over_100_seeds(tiny: RemoteBackend) -> None:
-    """The local backend's 200-seed test, on 100 seeds: through llama_cpp.server a generation
-    costs up to 0.7 s on a loaded 2-core host (it re-evaluates the hybrid model's whole prompt
-    per request), twice the local backend's; 100 keep the suite's budget."""
+def test_constrained_calls_always_parse_and_validate_over_200_seeds(tiny: RemoteBackend) -> None:
+    """The local backend's 200-seed test through the server (about 0.25 s a generation on an
+    idle host: llama_cpp.server re-evaluates the hybrid model's whole prompt per request)."""
     rng = random.Random(1234)
     names = list(TOOLS.names)
     returned = 0
     called: set[str] = set()
-    for seed in range(100):
+    for seed in range(200):
         allowed = rng.sample(names, rng.randint(1, len(names)))
         choice = ToolChoice.REQUIRED if seed % 2 else ToolChoice.AUTO
         result = tiny.generate(GenerationRequest(
@@ -320,7 +319,7 @@ def test_constrained_calls_always_parse_and_validate_over_100_seeds(tiny: Remote
             assert TOOLS.validate_call(call.name, call.arguments) == []
             called.add(call.name)
         returned += len(result.tool_calls)
-    assert returned >= 25, f'only {returned} valid calls in 100 generations'
+    assert returned >= 50, f'only {returned} valid calls in 200 generations'
     assert len(called) >= 5, f'too few distinct tools exercised: {called}'
 
 
