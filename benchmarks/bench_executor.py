@@ -3,8 +3,8 @@
 
 A publisher in this process sends ``ToolResult`` messages (unknown request ids: the task
 manager counts and drops them) to an active ``NemotronNode`` (tiny nemotron_h, no warm-up)
-spun by a ``SingleThreadedExecutor`` (what ``nemotron_node`` runs) or a
-``MultiThreadedExecutor(4)``. The latency is publish -> the task manager's ``tool_result``
+spun by a ``SingleThreadedExecutor`` or a ``MultiThreadedExecutor(4)`` (what
+``nemotron_node`` runs). The latency is publish -> the task manager's ``tool_result``
 call, one message at a time (the next one 3 ms after the previous arrived). Rounds alternate
 the executors; each round is a fresh node and reports median, 90th percentile and maximum.
 

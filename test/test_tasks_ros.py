@@ -147,6 +147,9 @@ def test_a_three_step_command_feeds_each_result_into_the_next_step(ros, task_nod
     assert [c.name for c in calls] == ['get_battery'] * 3
     assert len({c.id for c in calls}) == 3 and {c.request_id for c in calls} == {'task-1'}
     # Commands publish every released call, the final step's included.
+    # The final step's call travels on tool_calls, the final Action on actions: either may
+    # arrive first.
+    assert wait_for(lambda: len(executor.calls) == len(calls), 10.0), executor.calls
     assert [c.id for c in executor.calls] == [c.id for c in calls]
     # Each step's prompt holds the previous calls and the executor's results, in order.
     assert len(prompts) == 3
