@@ -77,8 +77,13 @@ def _lifecycle(ros, process: NodeProcess) -> LifecycleClient:
 def _serving(ros, process: NodeProcess) -> Client:
     """Configure and activate the node through its lifecycle services; a connected Client."""
     lifecycle = _lifecycle(ros, process)
-    assert lifecycle.change(Transition.TRANSITION_CONFIGURE), process.output()
-    assert lifecycle.change(Transition.TRANSITION_ACTIVATE), process.output()
+    for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+        future = lifecycle.change_async(transition)
+        # The node's own log says whether the request arrived (one unanswered configure was
+        # seen once in CI, with nothing to tell why).
+        assert wait_for(future.done, 60.0), \
+            f'change_state {transition} did not answer:\n{process.output()}'
+        assert future.result().success, process.output()
     client = Client(ros, namespace=process.namespace)
     assert wait_for(client.connected, 20.0), 'no DDS connection to the node'
     return client
