@@ -180,6 +180,7 @@ def test_each_message_type_reaches_the_world_state_and_the_prompt(
     assert 'main battery' in user.content and 'What do you see?' in user.content
     prompt = node._engine.backend.render(request).text
     world = prompt[prompt.rindex(FENCE_OPEN):prompt.rindex(FENCE_CLOSE)]  # the note names both
+    # Each source's adapted text, all of which must be there (one per topic published).
     for needle in ('status=charging', 'yaw 90 deg in odom', 'in map', 'red chair', 'blue box'):
         assert needle in world, world
     client = Client(ros)

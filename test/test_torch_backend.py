@@ -411,6 +411,8 @@ def test_constrained_calls_are_valid_over_50_seeds(backend: TorchBackend) -> Non
                                            'Drive forward a bit.'])),
             tools=allowed, tool_choice=choice, enable_thinking=seed % 10 == 9,
             sampling=SamplingParams(temperature=1.0, seed=seed, max_tokens=160)))
+        # A random-weight model sampled at temperature 1 may end its answer or run into
+        # max_tokens: both are legitimate ends; a truncated one must return no call (below).
         assert result.finish_reason in (FinishReason.STOP, FinishReason.LENGTH), result.error
         if result.finish_reason is FinishReason.LENGTH:
             assert result.tool_calls == [], 'a truncated call must never be returned'
