@@ -19,7 +19,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -398,20 +398,26 @@ def test_cancel_mid_stream_ends_cancelled(tiny: RemoteBackend) -> None:
 
 
 # -- faults ---------------------------------------------------------------------------------
+def _after_tokens(count: int, fault: Callable[[], None]) -> Callable[[str], None]:
+    """An ``on_token`` that injects ``fault`` once ``count`` tokens have streamed."""
+    seen: list[str] = []
+
+    def on_token(piece: str) -> None:
+        seen.append(piece)
+        if len(seen) == count:
+            fault()
+
+    return on_token
+
+
 def test_a_server_killed_mid_stream_ends_error_and_reports_unreachable(
         tiny_model: str, tmp_path: Path) -> None:
     with LlamaCppServer(tiny_model, alias='tiny', log=str(tmp_path / 'log')) as server:
         backend = _remote(server.url, tiny_model, max_retries=2)
         try:
-            seen: list[str] = []
-
-            def kill_after_three(piece: str) -> None:
-                seen.append(piece)
-                if len(seen) == 3:
-                    server.kill()
-
             deadline = time.monotonic() + 20.0
-            result = backend.generate(_story(deadline=deadline, on_token=kill_after_three))
+            result = backend.generate(_story(deadline=deadline,
+                                             on_token=_after_tokens(3, server.kill)))
             assert result.finish_reason is FinishReason.ERROR
             assert re.search(r'connection to http://127.0.0.1:\d+ lost after \d+ tokens',
                              result.error), result.error
@@ -430,13 +436,9 @@ def test_a_stalled_stream_ends_at_the_deadline_or_after_the_stall_timeout(
     backend = _remote(proxy.url, tiny_model)
     backend.config.stall_timeout_s = 0.5  # after configure, whose grammar check may be slow
     try:
-        def freeze_after_three(piece: str, seen: list[str] = []) -> None:  # noqa: B006
-            seen.append(piece)
-            if len(seen) == 3:
-                proxy.freeze()
-
         deadline = time.monotonic() + 0.3
-        result = backend.generate(_story(deadline=deadline, on_token=freeze_after_three))
+        result = backend.generate(_story(deadline=deadline,
+                                         on_token=_after_tokens(3, proxy.freeze)))
         assert result.finish_reason is FinishReason.DEADLINE
         assert time.monotonic() - deadline < 0.5
         # Still frozen: now the server's headers never arrive either.
