@@ -29,7 +29,6 @@ Writes ``--out`` (JSON) and a PNG next to it.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -45,8 +44,11 @@ from typing import Optional
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / 'benchmarks'):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench_engine import write_report  # noqa: E402  (this folder: shared report writer)
 
 from nemotron_ros.engine.backends.llama.backend import LlamaBackend, LlamaConfig  # noqa: E402
 from nemotron_ros.engine.backends.remote.backend import (  # noqa: E402
@@ -90,9 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           'threads': args.threads},
               'args': vars(args), 'model': str(model), 'overhead': overhead,
               'deadlines': deadlines, 'shared': shared}
-    out.write_text(json.dumps(report, indent=2) + '\n')
-    _plot(report, out.with_suffix('.png'))
-    _print_summary(report, out)
+    write_report(report, out, _plot, _print_summary)
     return 0
 
 
