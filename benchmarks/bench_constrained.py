@@ -339,17 +339,17 @@ def _measure_busy(model: str, args: argparse.Namespace) -> list[Paired]:
     The spinner also takes a core, which a shared 2-core host may not have to spare; the
     ``nice 19`` spinner runs only on otherwise idle CPU, so what it adds is the GIL's part.
     """
-    from nemotron_ros.engine.backends.llama import context
+    from nemotron_ros.engine.backends.llama import native
 
     rows = []
     for hook in ('native', 'python'):
-        native = context._native_abort
+        callback = native.abort_callback
         if hook == 'python':  # the former hook, for comparison only
-            context._native_abort = lambda: None
+            native.abort_callback = lambda: None
         try:
             pair = _busy_runs(model, f'prefill, {hook} hook', args)
         finally:
-            context._native_abort = native
+            native.abort_callback = callback
         for row in pair:
             summary = row.summary()
             print(f"  {row.name}: {row.a_label} {summary['a_median']:.3f} s, quiet "

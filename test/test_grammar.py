@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nemotron_ros.engine.grammar import MAX_CALLS, build_grammar
@@ -23,7 +24,11 @@ from nemotron_ros.engine.types import ToolChoice
 llama_cpp = pytest.importorskip('llama_cpp', reason='llama-cpp-python is not installed')
 gguf = pytest.importorskip('gguf', reason='the gguf package is needed to write a test vocab')
 
-from nemotron_ros.engine.backends.llama.sampler import FirstByteIndex  # noqa: E402  (llama_cpp)
+from nemotron_ros.engine.backends.llama import native  # noqa: E402  (llama_cpp)
+from nemotron_ros.engine.backends.llama.sampler import (  # noqa: E402
+    _TOKEN_DATA,
+    FirstByteIndex,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / 'config' / 'tools.example.yaml'
 SPECIAL = ('<|im_start|>', '<|im_end|>', '<think>', '</think>', '<tool_call>', '</tool_call>')
@@ -410,7 +415,8 @@ def test_first_byte_filter_keeps_every_allowed_token(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The filter may only drop tokens the grammar rejects: at every step of a valid output,
     # each token the full mask allows is among the filter's candidates (0: always probe the
-    # two-byte tokens too).
+    # two-byte tokens too). The C walk that the engine uses must find the same tokens in the
+    # same order.
     monkeypatch.setattr(FirstByteIndex, 'PAIR_MIN_TOKENS', pair_min_tokens)
 
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
@@ -421,6 +427,17 @@ def test_first_byte_filter_keeps_every_allowed_token(
         return buf.raw[:n]
 
     index = FirstByteIndex(n_vocab, piece, [EOS])
+    lib = native.library()
+    assert lib is not None, f'{native.LIBRARY} missing: build with colcon'
+    work = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+    ids = np.zeros(n_vocab, dtype=np.int32)
+
+    def native_candidates(grammar: object) -> list[int]:
+        n = lib.nemotron_ros_grammar_candidates(
+            native.sampler_apply_address(), grammar, ctypes.pointer(index.tables),
+            index.PAIR_MAX_BYTES, index.PAIR_MIN_TOKENS, work.ctypes.data, ids.ctypes.data)
+        return ids[:n].tolist()
+
     sampler = compile_grammar(vocab, build_grammar(list(registry), ToolChoice.AUTO))
     data = (llama_cpp.llama_token_data * n_vocab)()
     try:
@@ -430,8 +447,10 @@ def test_first_byte_filter_keeps_every_allowed_token(
             llama_cpp.llama_sampler_apply(
                 sampler, ctypes.byref(llama_cpp.llama_token_data_array(data, n_vocab, -1, False)))
             allowed = {i for i in range(n_vocab) if math.isfinite(data[i].logit)}
-            candidates = set(index.possible(
-                lambda ids, allowed=allowed: [int(t) in allowed for t in ids]).tolist())
+            found = index.possible(
+                lambda ids, allowed=allowed: [int(t) in allowed for t in ids]).tolist()
+            assert native_candidates(sampler) == found  # the C walk, asking the grammar itself
+            candidates = set(found)
             assert allowed <= candidates
             assert len(candidates) < n_vocab or len(allowed) > n_vocab // 2
             if token is not None:

@@ -156,7 +156,7 @@ def test_prefill_abort_is_native_and_holds_with_a_busy_python_thread(mid: LlamaB
     # llama.cpp polls the abort callback once per graph node; ours is C reading a flag byte
     # (src/abort_flag.c), so a busy Python thread cannot slow prefill down by holding the GIL.
     # The watchdog that sets the byte still gets the GIL often enough to stop on time.
-    assert mid._llm.native_abort, 'libnemotron_ros_abort.so missing: build with colcon'
+    assert mid._llm.native_abort, 'libnemotron_ros_native.so missing: build with colcon'
     long_text = ' '.join(f'observation {i}: the corridor is clear.' for i in range(250))
     stop = threading.Event()
 
@@ -258,16 +258,24 @@ class _GrammarFirst:
 
 
 @pytest.mark.parametrize('pair_min_tokens', [None, 0])
+@pytest.mark.parametrize('masked_draw', ['native', 'python'])
 def test_verified_draws_give_the_grammar_first_greedy_output(
-        tiny: LlamaBackend, monkeypatch: pytest.MonkeyPatch, pair_min_tokens) -> None:
+        tiny: LlamaBackend, monkeypatch: pytest.MonkeyPatch, pair_min_tokens,
+        masked_draw: str) -> None:
     # Random weights disagree with the grammar at almost every token, end-of-generation
     # included, so this exercises the rejected-draw path (and its first-byte pre-filter) hard;
     # 0 makes the filter probe two-byte tokens too, which the tiny vocabulary never needs.
+    # 'python' is the fallback used when the C library is missing.
     from nemotron_ros.engine.backends.llama import backend as backend_module
+    from nemotron_ros.engine.backends.llama import native
     from nemotron_ros.engine.backends.llama.sampler import FirstByteIndex
 
     if pair_min_tokens is not None:
         monkeypatch.setattr(FirstByteIndex, 'PAIR_MIN_TOKENS', pair_min_tokens)
+    if masked_draw == 'python':
+        monkeypatch.setattr(native, 'library', lambda: None)
+    else:
+        assert native.library() is not None, f'{native.LIBRARY} missing: build with colcon'
 
     requests = [GenerationRequest(messages=_messages(text), tools=TOOLS.names,
                                   tool_choice=choice, sampling=SamplingParams(max_tokens=48))

@@ -129,8 +129,8 @@ EOF
 
 build_stamp() {
   (cd "$ROOT" && {
-    find msg srv action nemotron_ros launch config scripts -type f ! -name '*.pyc' | sort
-    cat CMakeLists.txt package.xml msg/* srv/* action/*
+    find msg srv action src nemotron_ros launch config scripts -type f ! -name '*.pyc' | sort
+    cat CMakeLists.txt package.xml msg/* srv/* action/* src/*
   } | sha256sum | cut -d' ' -f1)
 }
 

@@ -16,15 +16,15 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import llama_cpp
 from llama_cpp import _logger as llama_logger
 
+from . import native as native_helpers
+
 _LOG = logging.getLogger(__name__)
 _NULL_ABORT = llama_cpp.ggml_abort_callback(0)
-ABORT_LIBRARY = 'libnemotron_ros_abort.so'
 # How often the prefill watchdog asks ``should_stop`` (it holds the GIL only for the check).
 WATCHDOG_POLL_S = 0.002
 _FLASH_ATTN = {'auto': -1, 'off': 0, 'on': 1}
@@ -68,33 +68,6 @@ def _check_gguf_header(path: str) -> None:
         raise LlamaLoadError(f'not a GGUF file (bad magic {magic!r}): {path}')
 
 
-def _find_abort_library() -> Optional[Path]:
-    """Our C abort callback (src/abort_flag.c), installed in ``<prefix>/lib``."""
-    prefixes = [Path(p) for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]
-    prefixes += list(Path(__file__).parents)  # the install tree, when not symlinked
-    for prefix in prefixes:
-        candidate = prefix / 'lib' / ABORT_LIBRARY
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _native_abort() -> Optional[llama_cpp.ggml_abort_callback]:
-    """The C abort callback as a ctypes function pointer, or None (with a warning)."""
-    path = _find_abort_library()
-    if path is None:
-        _LOG.warning('%s not found (build the package with colcon): prefill deadlines and '
-                     'cancels use a Python callback, which a busy Python thread slows down',
-                     ABORT_LIBRARY)
-        return None
-    try:
-        function = ctypes.CDLL(str(path)).nemotron_ros_abort_requested
-    except (OSError, AttributeError) as exc:
-        _LOG.warning('cannot load %s (%s): prefill aborts use a Python callback', path, exc)
-        return None
-    return llama_cpp.ggml_abort_callback(ctypes.cast(function, ctypes.c_void_p).value)
-
-
 class LlamaContext:
     """One llama.cpp model and context, used from one thread at a time.
 
@@ -116,7 +89,7 @@ class LlamaContext:
         self._stack = contextlib.ExitStack()
         self._abort_check: Optional[Callable[[], bool]] = None
         self._abort_flag = ctypes.c_ubyte(0)
-        native = _native_abort()
+        native = native_helpers.abort_callback()
         self.native_abort = native is not None
         self._abort_cb = native or llama_cpp.ggml_abort_callback(self._on_abort_poll)
         llama_logger.set_verbose(options.verbose)

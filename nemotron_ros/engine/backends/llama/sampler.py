@@ -16,6 +16,7 @@ import llama_cpp
 import numpy as np
 
 from ...types import SamplingParams
+from . import native
 
 _REJECTED = float('-inf')
 # numpy's view of llama_token_data (id, logit, p), for filling candidates without a loop.
@@ -185,6 +186,10 @@ class FirstByteIndex:
     End-of-generation tokens (the grammar judges them by its state, not their text), tokens
     that start with a non-ASCII byte (a pending UTF-8 sequence changes their meaning) and
     tokens whose first byte has no one-byte token are always candidates.
+
+    The tables are compressed rows (``start[r]:start[r + 1]`` slices one flat array), the
+    layout src/grammar_mask.c walks; :meth:`possible` is the same walk in Python, for when the
+    native library is missing.
     """
 
     ALWAYS = 255
@@ -206,8 +211,8 @@ class FirstByteIndex:
                     if len(text) == 1:
                         singles.setdefault(text[0], token)
         pairs = {text: token for token, text in texts.items() if len(text) == 2}
-        by_byte: dict[int, list[int]] = {b: [] for b in singles}
-        loose: dict[int, list[int]] = {b: [] for b in singles}
+        by_byte: list[list[int]] = [[] for _ in range(256)]
+        loose: list[list[int]] = [[] for _ in range(256)]
         by_pair: dict[bytes, list[int]] = {}
         always = [t for t in range(n_vocab) if t not in texts or texts[t][0] not in singles]
         for token, text in texts.items():
@@ -217,36 +222,67 @@ class FirstByteIndex:
                     by_pair.setdefault(text[:2], []).append(token)
                 else:
                     loose[text[0]].append(token)
-        ids = lambda tokens: np.array(tokens, dtype=np.int32)  # noqa: E731
-        self.probe_bytes = sorted(singles)
-        self.probe_tokens = ids([singles[b] for b in self.probe_bytes])
-        self.always = ids(always)
-        self.by_byte = {b: ids(tokens) for b, tokens in by_byte.items()}
-        self.loose = {b: ids(tokens) for b, tokens in loose.items()}
-        self.pair_probes = {b: ids([pairs[q] for q in sorted(by_pair) if q[0] == b])
-                            for b in singles}
-        self.pair_members = {b: [ids(by_pair[q]) for q in sorted(by_pair) if q[0] == b]
-                             for b in singles}
+        pair_keys = sorted(by_pair)  # by first byte, then second: each byte's pairs in a row
+        pair_rows: list[list[int]] = [[] for _ in range(256)]
+        for number, key in enumerate(pair_keys):
+            pair_rows[key[0]].append(number)
+        self.probe_bytes = _int32(sorted(singles))
+        self.probe_tokens = _int32([singles[b] for b in sorted(singles)])
+        self.always = _int32(always)
+        self.by_byte_start, self.by_byte = _rows(by_byte)
+        self.loose_start, self.loose = _rows(loose)
+        self.pair_start = np.cumsum([0] + [len(row) for row in pair_rows], dtype=np.int32)
+        self.pair_probes = _int32([pairs[key] for key in pair_keys])
+        self.member_start, self.members = _rows([by_pair[key] for key in pair_keys])
+        self._tables: Optional[native.FirstByteTables] = None
 
     def possible(self, check: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """Ids of the tokens that may pass; ``check(ids)`` says which ids the grammar allows."""
-        passed = check(self.probe_tokens)
-        first = [b for b, ok in zip(self.probe_bytes, passed, strict=True) if ok]
+        passed = np.asarray(check(self.probe_tokens), dtype=bool)
+        first = self.probe_bytes[passed].tolist()
         groups = [self.always]
-        if (len(first) > self.PAIR_MAX_BYTES
-                or sum(len(self.by_byte[b]) for b in first) <= self.PAIR_MIN_TOKENS):
-            return np.concatenate(groups + [self.by_byte[b] for b in first])
-        groups += [self.loose[b] for b in first]
-        probes = [self.pair_probes[b] for b in first]
-        members = [m for b in first for m in self.pair_members[b]]
-        if members:
-            passed = check(np.concatenate(probes))
-            groups += [m for m, ok in zip(members, passed, strict=True) if ok]
+        first_tokens = sum(int(self.by_byte_start[b + 1] - self.by_byte_start[b]) for b in first)
+        if len(first) > self.PAIR_MAX_BYTES or first_tokens <= self.PAIR_MIN_TOKENS:
+            return np.concatenate(groups + [_row(self.by_byte_start, self.by_byte, b)
+                                            for b in first])
+        groups += [_row(self.loose_start, self.loose, b) for b in first]
+        numbers = [p for b in first for p in range(self.pair_start[b], self.pair_start[b + 1])]
+        if numbers:
+            passed = check(self.pair_probes[numbers])
+            groups += [_row(self.member_start, self.members, p)
+                       for p, ok in zip(numbers, passed, strict=True) if ok]
         return np.concatenate(groups)
+
+    @property
+    def tables(self) -> native.FirstByteTables:
+        """The tables as the C struct (pointing into this object's arrays)."""
+        if self._tables is None:
+            p = native.int32_pointer
+            self._tables = native.FirstByteTables(
+                p(self.probe_tokens), p(self.probe_bytes), len(self.probe_tokens),
+                p(self.always), len(self.always), p(self.by_byte_start), p(self.by_byte),
+                p(self.loose_start), p(self.loose), p(self.pair_start), p(self.pair_probes),
+                p(self.member_start), p(self.members))
+        return self._tables
+
+
+def _int32(values: Sequence[int]) -> np.ndarray:
+    # One spare element keeps an empty table's pointer valid for C.
+    return np.array(list(values) + [0], dtype=np.int32)[:len(values)]
+
+
+def _rows(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(start, items) of compressed rows: row r is items[start[r]:start[r + 1]]."""
+    start = np.cumsum([0] + [len(row) for row in rows], dtype=np.int32)
+    return start, _int32([token for row in rows for token in row])
+
+
+def _row(start: np.ndarray, items: np.ndarray, row: int) -> np.ndarray:
+    return items[start[row]:start[row + 1]]
 
 
 class _Candidates:
-    """A reusable llama_token_data array over the vocabulary, filled with numpy."""
+    """A reusable llama_token_data array over the vocabulary, filled with numpy or in C."""
 
     def __init__(self, n_vocab: int, index: Optional[FirstByteIndex] = None) -> None:
         self.n_vocab = n_vocab
@@ -254,6 +290,11 @@ class _Candidates:
         self.data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
         self.ids = np.arange(n_vocab, dtype=np.int32)
         self.array = llama_cpp.llama_token_data_array(self._pointer(), n_vocab, -1, False)
+        self._native = native.library()
+        if self._native is not None:
+            self._scratch_ids = np.empty(n_vocab, dtype=np.int32)
+            self._apply = native.sampler_apply_address()
+            self._tables = None if index is None else ctypes.pointer(index.tables)
 
     def _pointer(self) -> object:
         return self.data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
@@ -264,8 +305,14 @@ class _Candidates:
 
         Accepts nothing. Returns -1 when the mask left no candidate.
         """
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1),
-                                       shape=(self.n_vocab,))
+        logits = llama_cpp.llama_get_logits_ith(ctx, -1)
+        if masked and self._native is not None:
+            index = self.index
+            return self._native.nemotron_ros_masked_draw(
+                self._apply, grammar, chain, self._tables,
+                index.PAIR_MAX_BYTES if index else 0, index.PAIR_MIN_TOKENS if index else 0,
+                logits, self.n_vocab, self.data.ctypes.data, self._scratch_ids.ctypes.data)
+        logits = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
         ids = self.ids
         if masked and self.index is not None:
             ids = self.index.possible(lambda probes: self._allowed(grammar, probes))
