@@ -40,15 +40,17 @@ def spin_until(executor, predicate: Callable[[], bool], timeout: float = 10.0) -
 
 
 class RosHarness:
-    """An isolated rclpy context whose executor spins in a background thread."""
+    """An isolated rclpy context whose single-threaded executor spins in a background thread."""
 
     def __init__(self) -> None:
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import SingleThreadedExecutor
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.context)
+        # What nemotron_node spins (see its main); rclpy 9.1's MultiThreadedExecutor delayed
+        # deliveries by tens of milliseconds on an idle host (benchmarks/bench_executor.py).
+        self.executor = SingleThreadedExecutor(context=self.context)
         self._private: list = []
         self._closing = False
         self._thread = threading.Thread(target=self._spin, daemon=True)
@@ -92,6 +94,30 @@ class RosHarness:
         self._private.append((node, executor))
         return node, executor
 
+    def threaded_node(self, name: str):
+        """A node spun by a multi-threaded executor of its own, in a background thread.
+
+        For test doubles whose callbacks block (an action server that loops while streaming
+        feedback): on the shared single-threaded executor they would hold every other node.
+        """
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.node import Node
+
+        node = Node(name, context=self.context)
+        executor = MultiThreadedExecutor(num_threads=2, context=self.context)
+        executor.add_node(node)
+
+        def spin() -> None:
+            try:
+                executor.spin()
+            except Exception:  # the executor was shut down under it (see _spin)
+                if not self._closing:
+                    raise
+
+        threading.Thread(target=spin, daemon=True).start()
+        self._private.append((node, executor))
+        return node
+
     def add(self, node) -> None:
         self.executor.add_node(node)
 
@@ -115,7 +141,7 @@ class RosHarness:
 
 @pytest.fixture
 def ros() -> Iterator[RosHarness]:
-    """A fresh rclpy context with a spinning MultiThreadedExecutor."""
+    """A fresh rclpy context with a spinning executor."""
     assert os.environ.get('ROS_AUTOMATIC_DISCOVERY_RANGE') == 'LOCALHOST', \
         'tests must keep DDS discovery on loopback'
     harness = RosHarness()

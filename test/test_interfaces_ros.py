@@ -127,7 +127,11 @@ def test_plan_service_round_trip(ros) -> None:
 
 
 class _StreamingServer:
-    """An Execute server that streams feedback until its goal is canceled or done."""
+    """An Execute server that streams feedback until its goal is canceled or done.
+
+    Its execute callback blocks while it streams: give it a node of its own executor
+    (``ros.threaded_node``), or it would hold the others.
+    """
 
     def __init__(self, node, steps: int) -> None:
         self.steps = steps
@@ -171,7 +175,7 @@ def _send_goal(client, executor, feedback: list):
 
 
 def test_execute_action_streams_feedback_and_returns_result(ros) -> None:
-    _StreamingServer(ros.node('exec_server'), steps=5)
+    _StreamingServer(ros.threaded_node('exec_server'), steps=5)
     node, executor = ros.private_node('exec_client')
     client = ActionClient(node, Execute, 'execute')
     assert client.wait_for_server(timeout_sec=10.0)
@@ -190,7 +194,7 @@ def test_execute_action_streams_feedback_and_returns_result(ros) -> None:
 
 
 def test_execute_action_cancel_ends_canceled(ros) -> None:
-    server = _StreamingServer(ros.node('exec_server_c'), steps=10_000)
+    server = _StreamingServer(ros.threaded_node('exec_server_c'), steps=10_000)
     node, executor = ros.private_node('exec_client_c')
     client = ActionClient(node, Execute, 'execute')
     assert client.wait_for_server(timeout_sec=10.0)
