@@ -31,7 +31,7 @@ benchmarks/results/ (about 2-3 minutes with the defaults on a 2-core machine).
 
     python benchmarks/bench_tasks.py                      # both models (20 and 4 reps)
     python benchmarks/bench_tasks.py --models smollm2 --reps 10
-    python benchmarks/bench_tasks.py --node-executor single --out /tmp/bench_tasks_single
+    python benchmarks/bench_tasks.py --node-executor multi --out /tmp/bench_tasks_multi
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument('--reps', type=int, default=None,
                         help='measured tasks per model, each also replayed directly '
                         f'(default: {TINY_REPS} on the tiny model, {REPS} on the others)')
-    parser.add_argument('--node-executor', choices=('multi', 'single'), default='multi',
-                        help="the node's rclpy executor: 'multi' = MultiThreadedExecutor(4) "
-                        "as nemotron_node runs it, 'single' = SingleThreadedExecutor")
+    parser.add_argument('--node-executor', choices=('single', 'multi'), default='single',
+                        help="the node's rclpy executor: 'single' = SingleThreadedExecutor as "
+                        "nemotron_node runs it, 'multi' = MultiThreadedExecutor(4) for comparison")
     parser.add_argument('--n-threads', type=int, default=1)
     parser.add_argument('--max-tokens', type=int, default=48)
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'bench_tasks'))
@@ -237,8 +237,8 @@ def _direct_run(generate, requests: list) -> dict:
 class Bench:
     """One rclpy context: a client node, the instant executor and one nemotron_node at a time.
 
-    The nemotron_node spins in its own executor (multi-threaded, as ``nemotron_node`` runs it,
-    unless ``--node-executor single``); the client and the executor node share a
+    The nemotron_node spins in its own executor (single-threaded, as ``nemotron_node`` runs it,
+    unless ``--node-executor multi``); the client and the executor node share another
     single-threaded one, as a separate process would.
     """
 

@@ -59,6 +59,36 @@ def test_tiny_model_loads_as_hybrid_with_native_format(tiny: LlamaBackend) -> No
     assert tiny.info.chat_format == 'nemotron'
 
 
+def test_a_conversation_is_rendered_once_and_any_change_renders_anew(tiny: LlamaBackend) -> None:
+    # A request is rendered and counted several times before it runs; the backend remembers
+    # the last few renders, keyed by everything that changes the prompt.
+    import dataclasses
+
+    from nemotron_ros.engine.types import ToolCall
+
+    base = GenerationRequest(messages=_messages('Go to the kitchen.'), tools=TOOLS.names)
+    first = tiny.render(base)
+    assert tiny.render(dataclasses.replace(base, messages=list(base.messages))) is first
+
+    def step(target: str) -> GenerationRequest:
+        call = ToolCall('c1', 'navigate_to', {'target': target})
+        return dataclasses.replace(base, messages=[
+            *base.messages, Message('assistant', '', (call,)), Message('tool', 'arrived')])
+
+    kitchen, garage = tiny.render(step('kitchen')), tiny.render(step('garage'))
+    assert 'kitchen' in kitchen.text.split('Go to the kitchen.')[1]
+    assert 'garage' in garage.text and 'garage' not in kitchen.text
+    assert tiny.render(dataclasses.replace(base, enable_thinking=True)).text != first.text
+    assert tiny.render(dataclasses.replace(base, offered_tools=['say'])).prefix != first.prefix
+    # A reload makes a new prompt format: nothing remembered for the old one is given out.
+    loaded = tiny.prompt_format
+    tiny.prompt_format = type(loaded)()
+    try:
+        assert tiny.render(base) is not first and tiny.render(base) == first
+    finally:
+        tiny.prompt_format = loaded
+
+
 def test_constrained_calls_always_parse_and_validate_over_200_seeds(tiny: LlamaBackend) -> None:
     rng = random.Random(1234)
     names = list(TOOLS.names)

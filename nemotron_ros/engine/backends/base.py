@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Generic, Optional, TypeVar
 
 from ..grammar import build_grammar
 from ..prompt_format import PromptFormat, RenderedPrompt
@@ -19,9 +20,12 @@ from ..types import (
     FinishReason,
     GenerationRequest,
     GenerationResult,
+    Message,
     ToolChoice,
     Usage,
 )
+
+_V = TypeVar('_V')
 
 
 class BackendError(RuntimeError):
@@ -134,6 +138,44 @@ class ModelGuard:
             return self._users
 
 
+class Memo(Generic[_V]):
+    """A small thread-safe LRU map from a key to a value computed on the first miss.
+
+    One request's prompt is rendered and counted several times before it runs (a task's
+    ``max_task_tokens`` check, admission at the door, admission again at dispatch, then
+    ``generate``): each a few hundred microseconds with a Jinja template. Values are
+    computed outside the lock; two threads missing at once both compute, which is harmless.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: collections.OrderedDict[Hashable, _V] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, make: Callable[[], _V]) -> _V:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        self.put(key, value)
+        return value
+
+    def put(self, key: Hashable, value: _V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+
+def _messages_key(messages: Sequence[Message]) -> tuple:
+    """A hashable key for a conversation (tool call arguments are dicts: keyed by JSON)."""
+    return tuple((m.role, m.content,
+                  tuple((c.id, c.name, c.arguments_json) for c in m.tool_calls))
+                 for m in messages)
+
+
 class Backend(abc.ABC):
     """One loaded model that answers one generation at a time.
 
@@ -147,12 +189,23 @@ class Backend(abc.ABC):
         self.tools = tools
         self.prompt_format: Optional[PromptFormat] = None
         self._prefix_encoding: tuple[str, list[int]] = ('', [])
+        self._renders: Memo[RenderedPrompt] = Memo(8)
+        self._counts: Memo[int] = Memo(16)  # by (prompt format, text)
 
     def render(self, request: GenerationRequest) -> RenderedPrompt:
         """The prompt text of ``request`` in this model's format, tools included."""
         offered = request.tools if request.offered_tools is None else request.offered_tools
-        return self.prompt_format.render(request.messages, self.tools.subset(offered),
-                                         thinking=request.enable_thinking)
+        prompt_format, tools = self.prompt_format, self.tools
+        key = (prompt_format, tools, tuple(offered), request.enable_thinking,
+               _messages_key(request.messages))
+        return self._renders.get(key, lambda: prompt_format.render(
+            request.messages, tools.subset(offered), thinking=request.enable_thinking))
+
+    def _count_text(self, text: str) -> int:
+        """:meth:`count_tokens`, remembered for the few texts counted again and again."""
+        # Keyed by the prompt format too: each load makes a new one, so a reloaded model
+        # never sees counts from another tokenizer.
+        return self._counts.get((self.prompt_format, text), lambda: self.count_tokens(text))
 
     def prepare(self, request: GenerationRequest, encode: Callable[[str], list[int]],
                 n_ctx: int) -> PreparedPrompt:
@@ -160,7 +213,9 @@ class Backend(abc.ABC):
         specs = self.tools.subset(request.tools)
         rendered = self.render(request)
         prefix = self._encode_prefix(rendered.prefix, encode)
-        suffix = encode(rendered.text[len(rendered.prefix):])
+        suffix_text = rendered.text[len(rendered.prefix):]
+        suffix = encode(suffix_text)
+        self._counts.put((self.prompt_format, suffix_text), len(suffix))
         usage = Usage(prompt_tokens=len(prefix) + len(suffix))
         room = n_ctx - usage.prompt_tokens
         if room < 1:
@@ -233,7 +288,7 @@ class Backend(abc.ABC):
         if self.prompt_format is None:
             return self.count_tokens('\n'.join(m.content for m in request.messages))
         rendered = self.render(request)
-        new = self.count_tokens(rendered.text[len(rendered.prefix):])
+        new = self._count_text(rendered.text[len(rendered.prefix):])
         if self.reuses_prefix(rendered.prefix):
             return new
         return new + self.count_tokens(rendered.prefix)
@@ -251,7 +306,7 @@ class Backend(abc.ABC):
         cached_text, tokens = self._prefix_encoding
         prefix = len(tokens) if rendered.prefix and rendered.prefix == cached_text else \
             self.count_tokens(rendered.prefix)
-        return prefix + self.count_tokens(rendered.text[len(rendered.prefix):])
+        return prefix + self._count_text(rendered.text[len(rendered.prefix):])
 
     def reuses_prefix(self, prefix: str) -> bool:
         """True when a generation whose prompt starts with ``prefix`` skips evaluating it."""
