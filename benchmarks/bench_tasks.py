@@ -3,8 +3,10 @@
 
 A 3-step task (``plan`` with ``max_steps`` 3, ``tool_choice`` required, one call per step)
 runs through a nemotron_node in this process over DDS, against an executor node that answers
-every call on ``tool_calls`` at once with a ToolResult on ``tool_results``. Per model (the tiny
-random nemotron_h and SmolLM2-135M, both through llama.cpp, greedy, one thread):
+every call on ``tool_calls`` at once with a ToolResult on ``tool_results``. The executor and
+the ``plan`` client run in a second process, as on a robot (in this one, their callbacks
+took the node's GIL). Per model (the tiny random nemotron_h and SmolLM2-135M, both through
+llama.cpp, greedy, one thread):
 
 1. Time per step, split. The node's backend is wrapped to time each generation (model time);
    the node's call release and the task manager's ``tool_result`` are wrapped to stamp when
@@ -37,8 +39,10 @@ benchmarks/results/ (about 2-3 minutes with the defaults on a 2-core machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import multiprocessing
 import platform
 import statistics
 import tempfile
@@ -79,6 +83,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument('--node-executor', choices=('single', 'multi'), default='single',
                         help="the node's rclpy executor: 'single' = SingleThreadedExecutor as "
                         "nemotron_node runs it, 'multi' = MultiThreadedExecutor(4) for comparison")
+    parser.add_argument('--gc-freeze', choices=('true', 'false'), default='true',
+                        help="the node's gc_freeze parameter (default true, as the node's)")
     parser.add_argument('--n-threads', type=int, default=1)
     parser.add_argument('--max-tokens', type=int, default=48)
     parser.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'bench_tasks'))
@@ -93,20 +99,17 @@ def _median(values: list[float]) -> float:
 
 
 class Recorder:
-    """Stamps, in this process's monotonic clock, of what one task run did inside the node."""
+    """Stamps, in the monotonic clock, of what one task run did inside the node."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.generations: list[tuple[float, float, Any, Any]] = []  # start, end, request, result
         self.results_in: list[float] = []
         self.released: list[float] = []
-        self.calls_seen: list[float] = []
-        self.results_sent: list[float] = []
 
     def clear(self) -> None:
         with self.lock:
             self.generations, self.results_in, self.released = [], [], []
-            self.calls_seen, self.results_sent = [], []
 
 
 def _instrument(node: NemotronNode, recorder: Recorder):
@@ -150,9 +153,10 @@ def _instrument(node: NemotronNode, recorder: Recorder):
 class InstantExecutor(Node):
     """Answers every call on ``tool_calls`` at once with a successful ToolResult."""
 
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self) -> None:
         super().__init__(f'bench_tasks_executor_{uuid.uuid4().hex[:6]}')
-        self._recorder = recorder
+        self.calls_seen: list[float] = []
+        self.results_sent: list[float] = []
         self.results = self.create_publisher(ToolResult, 'tool_results', COMMAND_QOS)
         self.create_subscription(ToolCall, 'tool_calls', self._on_call, COMMAND_QOS)
 
@@ -161,9 +165,8 @@ class InstantExecutor(Node):
         self.results.publish(ToolResult(request_id=call.request_id, call_id=call.id,
                                         name=call.name, success=True,
                                         content_json='{"percent": 73, "charging": false}'))
-        with self._recorder.lock:
-            self._recorder.calls_seen.append(seen)
-            self._recorder.results_sent.append(time.monotonic())
+        self.calls_seen.append(seen)
+        self.results_sent.append(time.monotonic())
 
 
 def _plan(client, max_tokens: int) -> tuple[Plan.Response, float, float]:
@@ -187,19 +190,99 @@ def _plan(client, max_tokens: int) -> tuple[Plan.Response, float, float]:
     return response, start, end
 
 
-def _node_run(client, recorder: Recorder, max_tokens: int) -> dict:
+def _peer_main(conn) -> None:
+    """The robot's side, in a process of its own: the ``plan`` client and the executor.
+
+    On a robot they run in other processes, so their callbacks never take the node's GIL;
+    sharing the node's process added their Python time to the node's overhead. Commands come
+    over ``conn``: ``('ready',)`` waits until the node's service and subscription are matched,
+    ``('plan', max_tokens)`` runs one task, ``('close',)`` ends. Stamps are
+    ``time.monotonic()``, the same system-wide clock the node's process reads.
+    """
+    rclpy.init()
+    executor = SingleThreadedExecutor()
+    client_node = Node(f'bench_tasks_client_{uuid.uuid4().hex[:6]}')
+    tools = InstantExecutor()
+    for node in (client_node, tools):
+        executor.add_node(node)
+    client = client_node.create_client(Plan, 'plan')
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        while True:
+            command, *rest = conn.recv()
+            try:
+                if command == 'close':
+                    return
+                if command == 'ready':
+                    conn.send(('ok', _peer_ready(client, tools)))
+                    continue
+                tools.calls_seen.clear()
+                tools.results_sent.clear()
+                response, start, end = _plan(client, *rest)
+                actions = [{name: getattr(a, name) for name in (
+                    'step', 'prompt_tokens', 'prompt_tokens_reused', 'completion_tokens')}
+                    for a in (*response.steps, response.action)]
+                conn.send(('ok', {'start': start, 'end': end, 'actions': actions,
+                                  'calls_seen': list(tools.calls_seen),
+                                  'results_sent': list(tools.results_sent)}))
+            except Exception as exc:
+                conn.send(('error', f'{type(exc).__name__}: {exc}'))
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        rclpy.try_shutdown()
+
+
+def _peer_ready(client, tools: InstantExecutor) -> bool:
+    if not client.wait_for_service(timeout_sec=30.0):
+        raise RuntimeError('plan service did not appear')
+    end = time.monotonic() + 30.0
+    while tools.results.get_subscription_count() == 0:
+        if time.monotonic() > end:
+            raise RuntimeError('the node never subscribed tool_results')
+        time.sleep(0.05)
+    return True
+
+
+class Peer:
+    """The process running :func:`_peer_main`, driven from the node's process."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context('spawn')
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_peer_main, args=(child,), daemon=True)
+        self._process.start()
+
+    def call(self, *command: Any) -> Any:
+        self._conn.send(command)
+        if not self._conn.poll(330.0):
+            raise RuntimeError(f'the executor process did not answer {command[0]!r}')
+        status, value = self._conn.recv()
+        if status != 'ok':
+            raise RuntimeError(f'executor process: {value}')
+        return value
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self._conn.send(('close',))
+        self._process.join(10.0)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _node_run(peer: Peer, recorder: Recorder, max_tokens: int) -> dict:
     """One task through the node; its per-step split and the generation requests it ran."""
     recorder.clear()
-    response, start, end = _plan(client, max_tokens)
+    reply = peer.call('plan', max_tokens)
+    start, end, actions = reply['start'], reply['end'], reply['actions']
+    calls_seen, results_sent = reply['calls_seen'], reply['results_sent']
     with recorder.lock:  # every stamp precedes the answer: step k+1 waits for k's result
         generations = list(recorder.generations)
         results_in = list(recorder.results_in)
         released = list(recorder.released)
-        calls_seen, results_sent = list(recorder.calls_seen), list(recorder.results_sent)
-    if len(generations) != STEPS or len(results_in) != STEPS - 1 or len(released) != STEPS - 1:
-        raise RuntimeError(f'{len(generations)} generations and {len(results_in)} results '
-                           f'for a {STEPS}-step task')
-    actions = [*response.steps, response.action]
+    if (len(generations) != STEPS or len(results_in) != STEPS - 1
+            or len(released) != STEPS - 1 or len(calls_seen) != STEPS - 1):
+        raise RuntimeError(f'{len(generations)} generations, {len(calls_seen)} calls and '
+                           f'{len(results_in)} results for a {STEPS}-step task')
     gen_start = [g[0] for g in generations]
     gen_end = [g[1] for g in generations]
     bounds = [start, *gen_end[:-1], end]  # the per-step segments add up to the round trip
@@ -215,9 +298,9 @@ def _node_run(client, recorder: Recorder, max_tokens: int) -> dict:
         'next_step_ms': [(gen_start[k + 1] - results_in[k]) * 1000 for k in range(STEPS - 1)],
         'request_leg_ms': (gen_start[0] - start) * 1000,
         'answer_leg_ms': (end - gen_end[-1]) * 1000,
-        'prompt_tokens': [a.prompt_tokens for a in actions],
-        'prompt_tokens_reused': [a.prompt_tokens_reused for a in actions],
-        'completion_tokens': [a.completion_tokens for a in actions],
+        'prompt_tokens': [a['prompt_tokens'] for a in actions],
+        'prompt_tokens_reused': [a['prompt_tokens_reused'] for a in actions],
+        'completion_tokens': [a['completion_tokens'] for a in actions],
         'requests': [g[2] for g in generations],
     }
 
@@ -235,11 +318,11 @@ def _direct_run(generate, requests: list) -> dict:
 
 
 class Bench:
-    """One rclpy context: a client node, the instant executor and one nemotron_node at a time.
+    """One nemotron_node at a time in this process, and the robot's side in another one.
 
     The nemotron_node spins in its own executor (single-threaded, as ``nemotron_node`` runs it,
-    unless ``--node-executor multi``); the client and the executor node share another
-    single-threaded one, as a separate process would.
+    unless ``--node-executor multi``). The ``plan`` client and the instant executor run in a
+    :class:`Peer` process, as they would on a robot.
     """
 
     def __init__(self, args: argparse.Namespace) -> None:
@@ -247,14 +330,8 @@ class Bench:
         self.recorder = Recorder()
         self.node_executor = (MultiThreadedExecutor(num_threads=4)
                               if args.node_executor == 'multi' else SingleThreadedExecutor())
-        self.executor = SingleThreadedExecutor()
-        self.client_node = Node('bench_tasks_client')
-        self.tools_executor = InstantExecutor(self.recorder)
-        self.executor.add_node(self.client_node)
-        self.executor.add_node(self.tools_executor)
-        self.client = self.client_node.create_client(Plan, 'plan')
-        for executor in (self.node_executor, self.executor):
-            threading.Thread(target=executor.spin, daemon=True).start()
+        threading.Thread(target=self.node_executor.spin, daemon=True).start()
+        self.peer = Peer()
 
     def start_node(self, model: str, prefix_cache: bool) -> tuple[NemotronNode, Any]:
         """An active node on ``model``; without prefix reuse it skips the warm-up (slow, and
@@ -265,20 +342,14 @@ class Bench:
                   'tool_choice': 'required', 'max_tool_calls': 1, 'n_ctx': N_CTX,
                   'max_task_tokens': N_CTX - self.args.max_tokens,
                   'max_tokens': self.args.max_tokens, 'prefix_cache': prefix_cache,
-                  'warm_up': prefix_cache}
+                  'warm_up': prefix_cache, 'gc_freeze': self.args.gc_freeze == 'true'}
         node = NemotronNode(f'nemotron_bench_{uuid.uuid4().hex[:6]}', parameter_overrides=[
             Parameter(k, value=v) for k, v in values.items()])
         self.node_executor.add_node(node)
         node.trigger_configure()
         node.trigger_activate()
         generate = _instrument(node, self.recorder)
-        if not self.client.wait_for_service(timeout_sec=30.0):
-            raise RuntimeError('plan service did not appear')
-        end = time.monotonic() + 30.0
-        while self.tools_executor.results.get_subscription_count() == 0:
-            if time.monotonic() > end:
-                raise RuntimeError('the node never subscribed tool_results')
-            time.sleep(0.05)
+        self.peer.call('ready')
         return node, generate
 
     def stop_node(self, node: NemotronNode) -> None:
@@ -287,8 +358,8 @@ class Bench:
         node.destroy_node()
 
     def close(self) -> None:
+        self.peer.close()
         self.node_executor.shutdown(timeout_sec=2.0)
-        self.executor.shutdown(timeout_sec=2.0)
 
 
 def _measure(bench: Bench, name: str, model: str) -> dict:
@@ -297,21 +368,21 @@ def _measure(bench: Bench, name: str, model: str) -> dict:
     reps = args.reps or (TINY_REPS if name == 'tiny_nemotron_h' else REPS)
     node, generate = bench.start_node(model, prefix_cache=True)
     try:
-        warm = _node_run(bench.client, bench.recorder, args.max_tokens)  # not measured
+        warm = _node_run(bench.peer, bench.recorder, args.max_tokens)  # not measured
         requests = warm['requests']
         node_runs, direct_runs = [], []
         for rep in range(reps):
             if rep % 2:  # alternate which goes first
                 direct_runs.append(_direct_run(generate, requests))
-                node_runs.append(_node_run(bench.client, bench.recorder, args.max_tokens))
+                node_runs.append(_node_run(bench.peer, bench.recorder, args.max_tokens))
             else:
-                node_runs.append(_node_run(bench.client, bench.recorder, args.max_tokens))
+                node_runs.append(_node_run(bench.peer, bench.recorder, args.max_tokens))
                 direct_runs.append(_direct_run(generate, requests))
     finally:
         bench.stop_node(node)
     node_off, _generate = bench.start_node(model, prefix_cache=False)
     try:
-        no_reuse = _node_run(bench.client, bench.recorder, args.max_tokens)
+        no_reuse = _node_run(bench.peer, bench.recorder, args.max_tokens)
     finally:
         bench.stop_node(node_off)
     return _summary(node_runs, direct_runs, warm, no_reuse)
@@ -433,7 +504,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench = Bench(args)
     report: dict[str, Any] = {
         'goal': GOAL, 'tools': TOOLS, 'steps': STEPS, 'n_threads': args.n_threads,
-        'node_executor': args.node_executor,
+        'node_executor': args.node_executor, 'gc_freeze': args.gc_freeze == 'true',
         'max_tokens': args.max_tokens, 'machine': platform.platform(),
         'processor': platform.processor(), 'models': {}}
     started = time.monotonic()

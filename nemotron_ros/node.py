@@ -30,6 +30,7 @@ planner never holds an executor thread.
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 import threading
@@ -228,6 +229,9 @@ class NemotronNode(LifecycleNode):
             self._perception.stop()
             self.get_logger().error(f'configure failed: {type(exc).__name__}: {exc}')
             return TransitionCallbackReturn.FAILURE
+        if self.get_parameter(parameters.GC_FREEZE.name).value:
+            gc.collect()
+            gc.freeze()
         self.get_logger().info(
             f'loaded {info.path} ({info.architecture}, {info.chat_format} format, '
             f'n_ctx {info.n_ctx}) with {len(self._engine.tools.names)} tools in '
@@ -260,6 +264,7 @@ class NemotronNode(LifecycleNode):
         if unload:
             self._perception.stop()
             self._engine.close(reason)
+            gc.unfreeze()  # what the model held may now be garbage in cycles (see gc_freeze)
         else:
             self._engine.set_active(False, reason)
 

@@ -169,6 +169,22 @@ def test_execute_goals_are_rejected_while_inactive(ros, node_factory, tiny_model
     assert sent.result().accepted
 
 
+@pytest.mark.parametrize('freeze', [True, False])
+def test_configure_exempts_what_it_loaded_from_the_collector_until_cleanup(
+        ros, node_factory, tiny_model, freeze: bool) -> None:
+    # gc_freeze: objects alive after configure (the engine among them) are frozen, so the
+    # collections that run between task steps never scan them; cleanup unfreezes them.
+    import gc
+
+    gc.unfreeze()
+    node = node_factory(tiny_model, activate=False, gc_freeze=freeze)
+    assert node.trigger_configure() == SUCCESS
+    assert (gc.get_freeze_count() > 0) is freeze
+    assert (gc.get_referrers(node._engine) == []) is freeze  # frozen objects are not scanned
+    assert node.trigger_cleanup() == SUCCESS
+    assert gc.get_freeze_count() == 0
+
+
 def test_request_status_mirrors_the_action_constants() -> None:
     constants = {name[len('STATUS_'):]: getattr(Action, name) for name in dir(Action)
                  if name.startswith('STATUS_')}
