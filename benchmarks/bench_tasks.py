@@ -22,7 +22,9 @@ llama.cpp, greedy, one thread):
    per-step samples split the task at each generation's end, so they add up to it. With a
    model whose steps take seconds, run-to-run noise of the generations swamps milliseconds,
    so the report also gives, within each node run, the time outside its generations per
-   step (and how much of that the executor round trips took).
+   step (and how much of that the executor round trips took). The calls' time in transit
+   (published -> result in the node: DDS both ways and the executor) is the waiting the
+   node does not spend; ``overhead_without_transit`` is the overhead without it.
 3. Prompt tokens evaluated per step with and without prefix reuse: the same task on a node
    with ``prefix_cache`` true and one with it false (``prompt_tokens - prompt_tokens_reused``
    of each step's Action), with the model time per step under both (one task; that node
@@ -295,6 +297,8 @@ def _node_run(peer: Peer, recorder: Recorder, max_tokens: int) -> dict:
         'call_out_ms': [(calls_seen[k] - gen_end[k]) * 1000 for k in range(STEPS - 1)],
         'call_released_ms': [(released[k] - gen_end[k]) * 1000 for k in range(STEPS - 1)],
         'result_back_ms': [(results_in[k] - results_sent[k]) * 1000 for k in range(STEPS - 1)],
+        'result_in_after_release_ms': [(results_in[k] - released[k]) * 1000
+                                       for k in range(STEPS - 1)],
         'next_step_ms': [(gen_start[k + 1] - results_in[k]) * 1000 for k in range(STEPS - 1)],
         'request_leg_ms': (gen_start[0] - start) * 1000,
         'answer_leg_ms': (end - gen_end[-1]) * 1000,
@@ -401,6 +405,9 @@ def _summary(node_runs: list[dict], direct_runs: list[dict], reuse: dict,
     slower = [n['model_ms'][k] - d['model_ms'][k]
               for n, d in zip(node_runs, direct_runs, strict=True) for k in range(STEPS)]
     outside = [(r['total_ms'] - sum(r['model_ms'])) / STEPS for r in node_runs]
+    # Calls in transit: published -> the result is in the node (DDS both ways and the
+    # executor); the rest of a step's waiting is the node's own work before publishing.
+    transit = [sum(r['result_in_after_release_ms']) / STEPS for r in node_runs]
     direct_totals = [sum(d['model_ms']) for d in direct_runs]
     round_trips = [sum(r['waiting_for_results_ms']) / STEPS for r in node_runs]
     return {
@@ -428,6 +435,10 @@ def _summary(node_runs: list[dict], direct_runs: list[dict], reuse: dict,
             # generations per step, and the part of it spent on the executor round trips.
             'outside_generation_per_step_median_ms': _median(outside),
             'executor_round_trips_per_step_median_ms': _median(round_trips),
+            'calls_in_transit_per_step_median_ms': _median(transit),
+            # The node's own time per step: the overhead without the calls in transit.
+            'overhead_without_transit_per_step_median_ms': _median(
+                [p - t for p, t in zip(per_task, transit, strict=True)]),
             'goal_ms_per_step': GOAL_MS_PER_STEP,
             'goal_met': overhead <= GOAL_MS_PER_STEP,
             # How much the direct runs alone vary per step: when it is larger than the goal,

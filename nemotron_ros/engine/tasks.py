@@ -30,8 +30,10 @@ Promises, each kept by one rule:
 
 Threads: one worker runs every listener call and next-step submit in the order the decisions
 were taken (so a step's calls always follow its ``step`` event), and one timer thread runs
-the timeouts. Listener methods must be short and must not block (publish and return); they
-may call back into the manager.
+the timeouts. Jobs run one at a time, in order; when the worker is idle, a step's answer and
+the listener calls it causes run on the thread that delivered it (see
+:meth:`TaskManager._step_answered`). Listener methods must be short and must not block
+(publish and return); they may call back into the manager.
 """
 
 from __future__ import annotations
@@ -267,6 +269,7 @@ class TaskManager:
         self._work = threading.Condition(self._lock)
         self._tick = threading.Condition(self._lock)
         self._jobs: collections.deque[tuple[Callable[..., None], tuple]] = collections.deque()
+        self._running = False  # a thread is running jobs: the worker, or see _step_answered
         self._timers: list[_Timer] = []
         self._cancelled_timers = 0
         self._seq = itertools.count()
@@ -516,8 +519,8 @@ class TaskManager:
         step, step_id = task.step, task.step_id
         try:
             prompt = dataclasses.replace(task.prompt, id=step_id, history=task.history)
-            self._engine.submit(prompt, lambda outcome: self._enqueue(
-                self._task_job, self._on_step_outcome, task, step, outcome))
+            self._engine.submit(prompt, lambda outcome: self._step_answered(
+                task, step, outcome))
         except Exception as exc:  # Engine.submit never raises; this is for a bug here
             _LOG.exception('task %s: step %d could not be submitted', task.id, step)
             with self._lock:
@@ -782,26 +785,56 @@ class TaskManager:
         """Queue a listener call (lock held): the worker makes it, in this order."""
         self._enqueue_locked(_notify, method, *args)
 
-    def _enqueue(self, fn: Callable[..., None], *args: Any) -> None:
-        with self._lock:
-            self._enqueue_locked(fn, *args)
-
     def _enqueue_locked(self, fn: Callable[..., None], *args: Any) -> None:
         self._jobs.append((fn, args))
-        self._work.notify()
+        if not self._running:  # a running runner takes it next
+            self._work.notify()
+
+    def _step_answered(self, task: _Task, step: int, outcome: Outcome) -> None:
+        """The engine's answer to a step, on the thread that decided it (usually the engine's
+        worker, which has just generated it).
+
+        When the manager's worker is idle and nothing else is queued, the decision and the
+        listener calls it makes (the step's Action, its calls going out) run right here, in
+        order, instead of waking the worker: a thread woken from idle runs the same Python
+        several times slower at first, and this is on every step's path. Anything else
+        queued meanwhile (a next step to render and submit) is left to the worker.
+        """
+        with self._lock:
+            self._jobs.append((self._task_job, (self._on_step_outcome, task, step, outcome)))
+            if self._running or len(self._jobs) > 1:
+                if not self._running:
+                    self._work.notify()
+                return
+            self._running = True
+        first = True
+        try:
+            while True:
+                with self._lock:
+                    if not self._jobs or not (first or self._jobs[0][0] is _notify):
+                        return
+                    fn, args = self._jobs.popleft()
+                first = False
+                _run_job(fn, args)
+        finally:
+            with self._lock:
+                self._running = False
+                self._work.notify()
 
     def _work_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._jobs and not self._closed:
+                while self._running or (not self._jobs and not self._closed):
                     self._work.wait()
                 if not self._jobs:
                     return
                 fn, args = self._jobs.popleft()
+                self._running = True
             try:
-                fn(*args)
-            except Exception:  # a bug here must not stop every other task
-                _LOG.exception('task worker: %s failed', getattr(fn, '__name__', fn))
+                _run_job(fn, args)
+            finally:
+                with self._lock:
+                    self._running = False
 
     # -- the timer thread -----------------------------------------------------------------
     def _arm_locked(self, delay_s: float, fn: Callable[..., None], *args: Any) -> _Timer:
@@ -850,6 +883,13 @@ def _result_text(call: _Call) -> str:
     """A tool turn's content: the call's name, whether it succeeded and what it returned."""
     return json.dumps({'name': call.call.name, 'success': call.success,
                        'content': call.content}, ensure_ascii=False)
+
+
+def _run_job(fn: Callable[..., None], args: tuple) -> None:
+    try:
+        fn(*args)
+    except Exception:  # a bug here must not stop every other task
+        _LOG.exception('task worker: %s failed', getattr(fn, '__name__', fn))
 
 
 def _notify(method: Callable[..., None], *args: Any) -> None:
