@@ -233,6 +233,18 @@ def _prompt(task_id: str, tool: str, **extra: Any) -> Prompt:
 
 
 # -- steps and the conversation -------------------------------------------------------------
+def test_a_step_answer_is_handled_on_the_thread_that_generated_it(make_manager) -> None:
+    # With the task worker idle, a step's decision and the listener calls it causes run on
+    # the engine's worker, which has just generated the step, instead of waking the task
+    # worker (a thread woken from idle runs slower at first; this is on every step's path).
+    manager = make_manager()
+    threads: list[str] = []
+    recorder = Recorder(answer=lambda call: threads.append(threading.current_thread().name))
+    manager.start(_prompt('on-the-spot', 'stop'), 1, recorder, publish_final_calls=True)
+    assert recorder.wait_final().outcome.ok
+    assert threads == ['scheduler-worker']
+
+
 @pytest.mark.parametrize('model', ['tiny', 'smollm2'])
 def test_a_task_runs_step_by_step_with_each_result_in_the_next_prompt(request, model) -> None:
     engine = request.getfixturevalue('tiny_engine' if model == 'tiny' else 'smol_engine')
