@@ -123,6 +123,7 @@ class NemotronNode(LifecycleNode):
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._transition_lock = threading.Lock()
+        self._gc_frozen = False  # this node froze the collector at configure (gc_freeze)
         self._goals: dict[bytes, str] = {}
         self._pending_cancels: set[bytes] = set()
         self._canceled_ids: set[str] = set()
@@ -232,6 +233,7 @@ class NemotronNode(LifecycleNode):
         if self.get_parameter(parameters.GC_FREEZE.name).value:
             gc.collect()
             gc.freeze()
+            self._gc_frozen = True
         self.get_logger().info(
             f'loaded {info.path} ({info.architecture}, {info.chat_format} format, '
             f'n_ctx {info.n_ctx}) with {len(self._engine.tools.names)} tools in '
@@ -264,7 +266,9 @@ class NemotronNode(LifecycleNode):
         if unload:
             self._perception.stop()
             self._engine.close(reason)
-            gc.unfreeze()  # what the model held may now be garbage in cycles (see gc_freeze)
+            if self._gc_frozen:  # what the model held may now be garbage in cycles
+                gc.unfreeze()
+                self._gc_frozen = False
         else:
             self._engine.set_active(False, reason)
 

@@ -183,6 +183,15 @@ def test_configure_exempts_what_it_loaded_from_the_collector_until_cleanup(
     assert (gc.get_referrers(node._engine) == []) is freeze  # frozen objects are not scanned
     assert node.trigger_cleanup() == SUCCESS
     assert gc.get_freeze_count() == 0
+    # A node that did not freeze leaves what others froze alone.
+    if not freeze:
+        gc.freeze()
+        try:
+            assert node.trigger_configure() == SUCCESS
+            assert node.trigger_cleanup() == SUCCESS
+            assert gc.get_freeze_count() > 0  # frozen objects may die, but none thawed
+        finally:
+            gc.unfreeze()
 
 
 def test_request_status_mirrors_the_action_constants() -> None:
