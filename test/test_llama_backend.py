@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from backend_cases import TOOLS, assert_constrained_calls_valid_over_200_seeds, chat
 
 from nemotron_ros.engine.backends import BackendError, RequestError
 from nemotron_ros.engine.backends.llama.backend import LlamaBackend, LlamaConfig
-from nemotron_ros.engine.tools import ToolRegistry
 from nemotron_ros.engine.types import (
     CancelToken,
     FinishReason,
@@ -29,14 +28,6 @@ from nemotron_ros.engine.types import (
 )
 from nemotron_ros.testing import MID_PRESET
 from nemotron_ros.testing.models import smollm2_gguf_path, tiny_nemotron_h_path
-
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ToolRegistry.from_yaml(ROOT / 'config' / 'tools.example.yaml')
-SYSTEM = 'You are the language interface of a mobile robot.'
-
-
-def _messages(text: str) -> list[Message]:
-    return [Message('system', SYSTEM), Message('user', text)]
 
 
 @pytest.fixture(scope='module')
@@ -66,7 +57,7 @@ def test_a_conversation_is_rendered_once_and_any_change_renders_anew(tiny: Llama
 
     from nemotron_ros.engine.types import ToolCall
 
-    base = GenerationRequest(messages=_messages('Go to the kitchen.'), tools=TOOLS.names)
+    base = GenerationRequest(messages=chat('Go to the kitchen.'), tools=TOOLS.names)
     first = tiny.render(base)
     assert tiny.render(dataclasses.replace(base, messages=list(base.messages))) is first
 
@@ -90,33 +81,7 @@ def test_a_conversation_is_rendered_once_and_any_change_renders_anew(tiny: Llama
 
 
 def test_constrained_calls_always_parse_and_validate_over_200_seeds(tiny: LlamaBackend) -> None:
-    rng = random.Random(1234)
-    names = list(TOOLS.names)
-    returned = 0
-    called: set[str] = set()
-    for seed in range(200):
-        allowed = rng.sample(names, rng.randint(1, len(names)))
-        choice = ToolChoice.REQUIRED if seed % 2 else ToolChoice.AUTO
-        result = tiny.generate(GenerationRequest(
-            messages=_messages('Bring the red cup to the table.'), tools=allowed,
-            tool_choice=choice, sampling=SamplingParams(temperature=1.0, seed=seed,
-                                                        max_tokens=160)))
-        # A random-weight model sampled at temperature 1 may end its answer or run into
-        # max_tokens: both are legitimate ends; a truncated one must return no call (below).
-        assert result.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
-        if result.finish_reason is FinishReason.LENGTH:
-            assert result.tool_calls == [], 'a truncated call must never be returned'
-            continue
-        assert not [r for r in result.rejected if 'block' in r or 'parse' in r], result.rejected
-        if choice is ToolChoice.REQUIRED:
-            assert result.tool_calls or result.rejected, result.raw_text
-        for call in result.tool_calls:
-            assert call.name in allowed
-            assert TOOLS.validate_call(call.name, call.arguments) == []
-            called.add(call.name)
-        returned += len(result.tool_calls)
-    assert returned >= 50, f'only {returned} valid calls in 200 generations'
-    assert len(called) >= 5, f'too few distinct tools exercised: {called}'
+    assert_constrained_calls_valid_over_200_seeds(tiny)
 
 
 def test_smollm2_goes_to_the_kitchen() -> None:
@@ -128,7 +93,7 @@ def test_smollm2_goes_to_the_kitchen() -> None:
     backend.load()
     try:
         result = backend.generate(GenerationRequest(
-            messages=_messages('Go to the kitchen'),
+            messages=chat('Go to the kitchen'),
             tools=['navigate_to', 'say', 'stop', 'get_battery'],
             tool_choice=ToolChoice.REQUIRED, max_tool_calls=1,
             sampling=SamplingParams(max_tokens=64)))
@@ -143,7 +108,7 @@ def test_long_generation_returns_by_its_deadline(tiny: LlamaBackend) -> None:
     budget = 0.3
     start = time.monotonic()
     result = tiny.generate(GenerationRequest(
-        messages=_messages('Tell me a long story.'), constrained=False,
+        messages=chat('Tell me a long story.'), constrained=False,
         sampling=SamplingParams(max_tokens=100_000, ignore_eos=True),
         deadline=start + budget))
     elapsed = time.monotonic() - start
@@ -164,7 +129,7 @@ def mid(model_dir: Path):
 
 def test_long_prefill_is_interrupted_by_the_deadline(mid: LlamaBackend) -> None:
     long_text = ' '.join(f'observation {i}: the corridor is clear.' for i in range(250))
-    request = GenerationRequest(messages=_messages(long_text), constrained=False,
+    request = GenerationRequest(messages=chat(long_text), constrained=False,
                                 sampling=SamplingParams(max_tokens=4))
     assert mid.count_tokens(long_text) > 4000
     start = time.monotonic()
@@ -202,18 +167,18 @@ def test_prefill_abort_is_native_and_holds_with_a_busy_python_thread(mid: LlamaB
         timer = threading.Timer(0.1, token.cancel)
         timer.start()
         cancelled = mid.generate(GenerationRequest(
-            messages=_messages(long_text), constrained=False, cancel=token,
+            messages=chat(long_text), constrained=False, cancel=token,
             sampling=SamplingParams(max_tokens=4)))
         timer.join()
         late = mid.generate(GenerationRequest(
-            messages=_messages(long_text), constrained=False,
+            messages=chat(long_text), constrained=False,
             sampling=SamplingParams(max_tokens=4), deadline=time.monotonic() + 0.15))
     finally:
         stop.set()
         spinner.join()
     # Both stopped before a quarter of the prompt could have been evaluated.
     quarter = mid.generate(GenerationRequest(
-        messages=_messages(long_text[:len(long_text) // 4]), constrained=False,
+        messages=chat(long_text[:len(long_text) // 4]), constrained=False,
         sampling=SamplingParams(max_tokens=1)))
     assert cancelled.finish_reason is FinishReason.CANCELLED
     assert late.finish_reason is FinishReason.DEADLINE
@@ -227,7 +192,7 @@ def test_cancel_from_another_thread(tiny: LlamaBackend) -> None:
     start = time.monotonic()
     timer.start()
     result = tiny.generate(GenerationRequest(
-        messages=_messages('Count forever.'), constrained=False, cancel=token,
+        messages=chat('Count forever.'), constrained=False, cancel=token,
         sampling=SamplingParams(max_tokens=100_000, ignore_eos=True)))
     elapsed = time.monotonic() - start
     timer.join()
@@ -246,7 +211,7 @@ def test_prefix_snapshot_gives_identical_greedy_output(model_dir: Path) -> None:
         backend.load()
         try:
             results = [backend.generate(GenerationRequest(
-                messages=_messages(text), tools=TOOLS.names,
+                messages=chat(text), tools=TOOLS.names,
                 sampling=SamplingParams(max_tokens=48)))
                 for text in ('Go to the kitchen.', 'Pick up the red cup.', 'Stop!')]
         finally:
@@ -307,7 +272,7 @@ def test_verified_draws_give_the_grammar_first_greedy_output(
     else:
         assert native.library() is not None, f'{native.LIBRARY} missing: build with colcon'
 
-    requests = [GenerationRequest(messages=_messages(text), tools=TOOLS.names,
+    requests = [GenerationRequest(messages=chat(text), tools=TOOLS.names,
                                   tool_choice=choice, sampling=SamplingParams(max_tokens=48))
                 for text in ('Go to the kitchen.', 'Say hello.', 'Look at the door.')
                 for choice in (ToolChoice.AUTO, ToolChoice.REQUIRED)]
@@ -325,7 +290,7 @@ def _restart(path: str, cache_dir: Path, text: str = 'Go to the kitchen.') -> tu
     backend.load()
     try:
         return backend.generate(GenerationRequest(
-            messages=_messages(text), tools=TOOLS.names, sampling=SamplingParams(max_tokens=24)))
+            messages=chat(text), tools=TOOLS.names, sampling=SamplingParams(max_tokens=24)))
     finally:
         backend.unload()
 
@@ -375,7 +340,7 @@ def test_constrained_calls_with_repeat_penalty_stay_valid(tiny: LlamaBackend) ->
     returned = 0
     for seed in range(12):
         result = tiny.generate(GenerationRequest(
-            messages=_messages('Bring the red cup to the table.'), tools=TOOLS.names,
+            messages=chat('Bring the red cup to the table.'), tools=TOOLS.names,
             tool_choice=ToolChoice.REQUIRED, sampling=SamplingParams(
                 temperature=0.8, repeat_penalty=1.3, seed=seed, max_tokens=160)))
         if result.finish_reason is FinishReason.STOP:
@@ -392,7 +357,7 @@ def test_constrained_calls_with_repeat_penalty_stay_valid(tiny: LlamaBackend) ->
 def test_prefix_is_rebuilt_when_the_tools_change(tiny: LlamaBackend) -> None:
     def run(tools: list[str]) -> int:
         return tiny.generate(GenerationRequest(
-            messages=_messages('hello'), tools=tools,
+            messages=chat('hello'), tools=tools,
             sampling=SamplingParams(max_tokens=4))).usage.prompt_tokens_reused
 
     run(['say'])
@@ -407,8 +372,8 @@ def test_prompt_longer_than_the_context_is_a_request_error(model_dir: Path) -> N
     backend.load()
     try:
         with pytest.raises(RequestError, match='context holds 256'):
-            backend.generate(GenerationRequest(messages=_messages('x ' * 400)))
-        ok = backend.generate(GenerationRequest(messages=_messages('hi'),
+            backend.generate(GenerationRequest(messages=chat('x ' * 400)))
+        ok = backend.generate(GenerationRequest(messages=chat('hi'),
                                                 sampling=SamplingParams(max_tokens=4)))
         assert ok.usage.prompt_tokens < 256
     finally:
@@ -445,7 +410,7 @@ def test_a_canceled_load_stops_while_reading_the_model(model_dir: Path) -> None:
 
 def test_whole_prompt_count_matches_what_generate_evaluates(tiny: LlamaBackend) -> None:
     history = [Message('assistant', '', ()), Message('tool', '{"percent": 70}')]
-    request = GenerationRequest(messages=[*_messages('Check the battery'), *history],
+    request = GenerationRequest(messages=[*chat('Check the battery'), *history],
                                 tools=TOOLS.names, sampling=SamplingParams(max_tokens=2))
     counted = tiny.count_prompt_tokens(request)
     result = tiny.generate(request)

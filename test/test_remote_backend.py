@@ -14,7 +14,6 @@ an HTTP 500 or 503 and a malformed event stream.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import socket
 import threading
@@ -31,6 +30,7 @@ pytest.importorskip('uvicorn', reason="llama_cpp.server needs llama-cpp-python's
 rclpy = pytest.importorskip('rclpy', reason='rclpy is not installed: run tools/setup.sh')
 
 from action_msgs.msg import GoalStatus  # noqa: E402
+from backend_cases import TOOLS, assert_constrained_calls_valid_over_200_seeds, chat  # noqa: E402
 from node_harness import (  # noqa: E402
     SUCCESS,
     Client,
@@ -48,12 +48,10 @@ from nemotron_ros.engine.backends.remote.backend import (  # noqa: E402
     RemoteConfig,
 )
 from nemotron_ros.engine.runtime import Engine, EngineLoadError  # noqa: E402
-from nemotron_ros.engine.tools import ToolRegistry  # noqa: E402
 from nemotron_ros.engine.types import (  # noqa: E402
     CancelToken,
     FinishReason,
     GenerationRequest,
-    Message,
     SamplingParams,
     ToolChoice,
 )
@@ -61,21 +59,14 @@ from nemotron_ros.msg import Action, Command  # noqa: E402
 from nemotron_ros.testing.llama_server import LlamaCppServer, free_port, server_params  # noqa: E402
 from nemotron_ros.testing.models import smollm2_gguf_path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ToolRegistry.from_yaml(ROOT / 'config' / 'tools.example.yaml')
-SYSTEM = 'You are the language interface of a mobile robot.'
 SECRET = 'sk-nemotron-test-7f3a9c'
-
-
-def _messages(text: str) -> list[Message]:
-    return [Message('system', SYSTEM), Message('user', text)]
 
 
 def _story(**fields) -> GenerationRequest:
     """A long unconstrained generation (ignore_eos) after a short prompt (no tools), for
     deadlines, cancel and faults: its first token comes quickly even on a loaded machine."""
     sampling = SamplingParams(max_tokens=fields.pop('max_tokens', 2000), ignore_eos=True)
-    return GenerationRequest(messages=_messages('Tell a long story.'),
+    return GenerationRequest(messages=chat('Tell a long story.'),
                              tools=fields.pop('tools', ()), constrained=False,
                              sampling=sampling, **fields)
 
@@ -263,7 +254,7 @@ def test_an_unknown_server_is_refused_unless_grammar_is_optional(
         assert not backend.constrains and dict(backend.health().values)['remote.grammar'] == \
             'none'
         result = backend.generate(GenerationRequest(
-            messages=_messages('Stop.'), tools=['stop'], tool_choice=ToolChoice.REQUIRED,
+            messages=chat('Stop.'), tools=['stop'], tool_choice=ToolChoice.REQUIRED,
             sampling=SamplingParams(max_tokens=16)))
         # Unconstrained, the model may stop or fill max_tokens: either is a legitimate end;
         # what the contract promises is that no invalid call comes back.
@@ -298,33 +289,7 @@ def test_each_flavor_sends_the_grammar_in_its_own_field() -> None:
 def test_constrained_calls_always_parse_and_validate_over_200_seeds(tiny: RemoteBackend) -> None:
     """The local backend's 200-seed test through the server (about 0.25 s a generation on an
     idle host: llama_cpp.server re-evaluates the hybrid model's whole prompt per request)."""
-    rng = random.Random(1234)
-    names = list(TOOLS.names)
-    returned = 0
-    called: set[str] = set()
-    for seed in range(200):
-        allowed = rng.sample(names, rng.randint(1, len(names)))
-        choice = ToolChoice.REQUIRED if seed % 2 else ToolChoice.AUTO
-        result = tiny.generate(GenerationRequest(
-            messages=_messages('Bring the red cup to the table.'), tools=allowed,
-            tool_choice=choice, sampling=SamplingParams(temperature=1.0, seed=seed,
-                                                        max_tokens=160)))
-        # A random-weight model sampled at temperature 1 may end its answer or run into
-        # max_tokens: both are legitimate ends; a truncated one must return no call (below).
-        assert result.finish_reason in (FinishReason.STOP, FinishReason.LENGTH), result.error
-        if result.finish_reason is FinishReason.LENGTH:
-            assert result.tool_calls == [], 'a truncated call must never be returned'
-            continue
-        assert not [r for r in result.rejected if 'block' in r or 'parse' in r], result.rejected
-        if choice is ToolChoice.REQUIRED:
-            assert result.tool_calls or result.rejected, result.raw_text
-        for call in result.tool_calls:
-            assert call.name in allowed
-            assert TOOLS.validate_call(call.name, call.arguments) == []
-            called.add(call.name)
-        returned += len(result.tool_calls)
-    assert returned >= 50, f'only {returned} valid calls in 200 generations'
-    assert len(called) >= 5, f'too few distinct tools exercised: {called}'
+    assert_constrained_calls_valid_over_200_seeds(tiny)
 
 
 @pytest.mark.slow
@@ -337,10 +302,10 @@ def test_greedy_output_is_the_local_backends_token_for_token(smol: RemoteBackend
     try:
         offered = ['navigate_to', 'say', 'stop']  # a short prompt: two cores, shared
         for request in (
-                GenerationRequest(messages=_messages('Tell me about the kitchen.'),
+                GenerationRequest(messages=chat('Tell me about the kitchen.'),
                                   tools=offered, constrained=False,
                                   sampling=SamplingParams(max_tokens=40)),
-                GenerationRequest(messages=_messages('Go to the kitchen'), tools=offered,
+                GenerationRequest(messages=chat('Go to the kitchen'), tools=offered,
                                   tool_choice=ToolChoice.REQUIRED, max_tool_calls=1,
                                   sampling=SamplingParams(max_tokens=64))):
             here, there = local.generate(request), smol.generate(request)

@@ -28,6 +28,7 @@ torch = pytest.importorskip('torch')
 pytest.importorskip('transformers')
 pytest.importorskip('xgrammar')
 
+from backend_cases import TOOLS, chat, checked_calls  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from nemotron_ros.engine.backends import BackendError, RequestError, create_backend  # noqa: E402
@@ -41,29 +42,20 @@ from nemotron_ros.engine.backends.torch.modelopt_fp8 import FP8Linear, fp8_matmu
 from nemotron_ros.engine.backends.torch.xgrammar_constraint import GrammarBackend  # noqa: E402
 from nemotron_ros.engine.grammar import build_grammar  # noqa: E402
 from nemotron_ros.engine.tool_parser import render_tool_call  # noqa: E402
-from nemotron_ros.engine.tools import ToolRegistry  # noqa: E402
 from nemotron_ros.engine.types import (  # noqa: E402
     CancelToken,
     FinishReason,
     GenerationRequest,
-    Message,
     SamplingParams,
     ToolChoice,
 )
 from nemotron_ros.testing.tiny_hf import tiny_hf_path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ToolRegistry.from_yaml(ROOT / 'config' / 'tools.example.yaml')
-SYSTEM = 'You are the language interface of a mobile robot.'
 FP8_REL_TOL = 0.05
 FP8_MIN_COSINE = 0.998
 PROMPT = ('<|im_start|>system\nYou are a robot.<|im_end|>\n<|im_start|>user\nBring the red cup '
           'to the kitchen table, then go to the charging dock.<|im_end|>\n'
           '<|im_start|>assistant\n<think></think><tool_call>\n<function=navigate_to>\n')
-
-
-def _messages(text: str) -> list[Message]:
-    return [Message('system', SYSTEM), Message('user', text)]
 
 
 def _options(path: Path, **extra: object) -> dict:
@@ -320,7 +312,7 @@ def test_create_backend_with_ros_typed_options(fp8_dir: Path) -> None:
         assert info.recurrent and info.n_ctx == 8192 and info.n_vocab == 512
         assert backend.count_tokens('<tool_call>') == 1
         result = backend.generate(GenerationRequest(
-            messages=_messages('Stop.'), tools=['stop'], tool_choice=ToolChoice.REQUIRED,
+            messages=chat('Stop.'), tools=['stop'], tool_choice=ToolChoice.REQUIRED,
             max_tool_calls=1, sampling=SamplingParams(max_tokens=64)))
         assert result.finish_reason is FinishReason.STOP, result.raw_text
         assert [c.name for c in result.tool_calls] == ['stop']
@@ -353,7 +345,7 @@ def test_prompt_longer_than_the_context_is_a_request_error(bf16_dir: Path) -> No
     backend = TorchBackend(TorchConfig(**_options(bf16_dir, n_ctx=64)), TOOLS)
     backend.load()
     with pytest.raises(RequestError, match='the context holds 64'):
-        backend.generate(GenerationRequest(messages=_messages('Go to the kitchen.'),
+        backend.generate(GenerationRequest(messages=chat('Go to the kitchen.'),
                                            tools=['navigate_to']))
 
 
@@ -407,33 +399,22 @@ def test_constrained_calls_are_valid_over_50_seeds(backend: TorchBackend) -> Non
         allowed = subsets[seed * len(subsets) // 50]  # grouped, so the prefix is reused
         choice = ToolChoice.REQUIRED if seed % 2 else ToolChoice.AUTO
         result = backend.generate(GenerationRequest(
-            messages=_messages(rng.choice(['Bring the red cup to the table.', 'Look left.',
-                                           'Drive forward a bit.'])),
+            messages=chat(rng.choice(['Bring the red cup to the table.', 'Look left.',
+                                      'Drive forward a bit.'])),
             tools=allowed, tool_choice=choice, enable_thinking=seed % 10 == 9,
             sampling=SamplingParams(temperature=1.0, seed=seed, max_tokens=160)))
-        # A random-weight model sampled at temperature 1 may end its answer or run into
-        # max_tokens: both are legitimate ends; a truncated one must return no call (below).
-        assert result.finish_reason in (FinishReason.STOP, FinishReason.LENGTH), result.error
-        if result.finish_reason is FinishReason.LENGTH:
-            assert result.tool_calls == [], 'a truncated call must never be returned'
-            continue
         # The grammar admits only well-formed calls; validation may still drop one whose
         # number meets an exclusive bound the grammar keeps loose.
-        assert not [r for r in result.rejected if 'block' in r], result.rejected
-        if choice is ToolChoice.REQUIRED:
-            assert result.tool_calls or result.rejected, result.raw_text
-        for call in result.tool_calls:
-            assert call.name in allowed
-            assert TOOLS.validate_call(call.name, call.arguments) == []
-            called.add(call.name)
-        returned += len(result.tool_calls)
+        calls = checked_calls(result, allowed, choice, malformed=('block',))
+        called.update(call.name for call in calls)
+        returned += len(calls)
     assert returned >= 15, f'only {returned} valid calls in 50 generations'
     assert len(called) >= 4, f'too few distinct tools exercised: {called}'
 
 
 def test_cut_calls_are_never_returned(backend: TorchBackend) -> None:
     result = backend.generate(GenerationRequest(
-        messages=_messages('Say hello.'), tools=['say'], tool_choice=ToolChoice.REQUIRED,
+        messages=chat('Say hello.'), tools=['say'], tool_choice=ToolChoice.REQUIRED,
         sampling=SamplingParams(temperature=1.0, seed=3, max_tokens=12)))
     assert result.finish_reason is FinishReason.LENGTH
     assert result.tool_calls == []
@@ -443,7 +424,7 @@ def test_cut_calls_are_never_returned(backend: TorchBackend) -> None:
 def test_streamed_text_is_the_raw_text_and_usage_is_filled(backend: TorchBackend) -> None:
     pieces: list[str] = []
     result = backend.generate(GenerationRequest(
-        messages=_messages('Tell me about the kitchen.'), constrained=False,
+        messages=chat('Tell me about the kitchen.'), constrained=False,
         sampling=SamplingParams(temperature=1.0, seed=5, max_tokens=40, ignore_eos=True),
         on_token=pieces.append))
     assert result.finish_reason is FinishReason.LENGTH
@@ -455,7 +436,7 @@ def test_streamed_text_is_the_raw_text_and_usage_is_filled(backend: TorchBackend
 
 
 def test_prefix_reuse_and_chunked_prefill_do_not_change_the_answer(bf16_dir: Path) -> None:
-    request = GenerationRequest(messages=_messages('Bring the red cup to the table.'),
+    request = GenerationRequest(messages=chat('Bring the red cup to the table.'),
                                 tools=['navigate_to', 'pick', 'say'], constrained=False,
                                 sampling=SamplingParams(max_tokens=24, ignore_eos=True))
     answers = []
@@ -475,7 +456,7 @@ def test_prefix_reuse_and_chunked_prefill_do_not_change_the_answer(bf16_dir: Pat
 
 def test_offered_tools_keep_the_prefix_while_the_grammar_narrows(backend: TorchBackend) -> None:
     results = [backend.generate(GenerationRequest(
-        messages=_messages('Stop now.'), tools=[name], offered_tools=TOOLS.names,
+        messages=chat('Stop now.'), tools=[name], offered_tools=TOOLS.names,
         tool_choice=ToolChoice.REQUIRED, max_tool_calls=1,
         sampling=SamplingParams(temperature=1.0, seed=11, max_tokens=96)))
         for name in ('stop', 'get_battery', 'stop')]
@@ -490,7 +471,7 @@ def test_long_generation_returns_by_its_deadline(backend: TorchBackend) -> None:
     budget = 0.4
     start = time.monotonic()
     result = backend.generate(GenerationRequest(
-        messages=_messages('Tell me a long story.'), constrained=False,
+        messages=chat('Tell me a long story.'), constrained=False,
         sampling=SamplingParams(max_tokens=100_000, ignore_eos=True), deadline=start + budget))
     elapsed = time.monotonic() - start
     assert result.finish_reason is FinishReason.DEADLINE
@@ -503,7 +484,7 @@ def test_long_prefill_is_interrupted_by_the_deadline(bf16_dir: Path) -> None:
                                                   prefix_cache=False)), TOOLS)
     backend.load()
     long_text = ' '.join(f'observation {i}: the corridor is clear.' for i in range(180))
-    request = GenerationRequest(messages=_messages(long_text), constrained=False,
+    request = GenerationRequest(messages=chat(long_text), constrained=False,
                                 sampling=SamplingParams(max_tokens=4))
     assert backend.count_tokens(long_text) > 4000
     start = time.monotonic()
@@ -526,7 +507,7 @@ def test_cancel_from_another_thread(backend: TorchBackend) -> None:
     timer.start()
     start = time.monotonic()
     result = backend.generate(GenerationRequest(
-        messages=_messages('Keep talking.'), constrained=False, cancel=token,
+        messages=chat('Keep talking.'), constrained=False, cancel=token,
         sampling=SamplingParams(max_tokens=100_000, ignore_eos=True)))
     timer.join()
     assert result.finish_reason is FinishReason.CANCELLED
@@ -538,7 +519,7 @@ def test_cancelled_before_start_evaluates_nothing(backend: TorchBackend) -> None
     token = CancelToken()
     token.cancel(FinishReason.DEADLINE)
     result = backend.generate(GenerationRequest(
-        messages=_messages('Go to the kitchen.'), tools=['navigate_to'], cancel=token))
+        messages=chat('Go to the kitchen.'), tools=['navigate_to'], cancel=token))
     assert result.finish_reason is FinishReason.DEADLINE
     assert result.usage.completion_tokens == 0 and result.raw_text == ''
 
@@ -568,7 +549,7 @@ def test_fp8_scaled_mm_on_gpu(fp8_dir: Path, bf16_dir: Path, tokenizer) -> None:
     try:
         assert backend.fp8_mode == 'scaled_mm'
         result = backend.generate(GenerationRequest(
-            messages=_messages('Go to the kitchen.'), tools=['navigate_to'],
+            messages=chat('Go to the kitchen.'), tools=['navigate_to'],
             tool_choice=ToolChoice.REQUIRED, max_tool_calls=1,
             sampling=SamplingParams(max_tokens=64)))
     finally:
