@@ -192,7 +192,6 @@ class FirstByteIndex:
     native library is missing.
     """
 
-    ALWAYS = 255
     PAIR_MAX_BYTES = 8
     """Ask about two-byte prefixes only when at most this many first bytes passed..."""
     PAIR_MIN_TOKENS = 512
