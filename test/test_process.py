@@ -3,7 +3,8 @@
 A robot starts the node with ``ros2 run`` or ``ros2 launch``, stops it with Ctrl-C (SIGINT) or
 launch's SIGTERM, and drives its lifecycle through the ``change_state`` service. These tests
 do exactly that through real DDS, each node in a namespace of its own, and check that a
-signal never costs an outstanding request its answer, that a signal during a model load ends
+signal never costs an outstanding request its answer (a task waiting for tool results or for
+an operator included, and a held call stays held), that a signal during a model load ends
 the process at once and cleanly, and that the lifecycle services answer while it loads.
 """
 
@@ -32,7 +33,8 @@ from node_harness import (  # noqa: E402
     status_values,
 )
 
-from nemotron_ros.msg import Action  # noqa: E402
+from nemotron_ros.msg import Action, Command, ToolCall  # noqa: E402
+from nemotron_ros.node import COMMAND_QOS  # noqa: E402
 from nemotron_ros.srv import Plan  # noqa: E402
 
 pytestmark = [
@@ -132,6 +134,68 @@ def test_a_signal_mid_generation_answers_every_outstanding_request(
         assert action.status == Action.STATUS_INACTIVE, \
             f'{label}: {STATUS_NAMES[action.status]} {action.status_message!r}'
         assert 'shutting down' in action.status_message.lower(), action.status_message
+
+
+#: One tool per waiting state; no arguments, so the tiny model's constrained answer is a call.
+WAITING_TOOLS = {
+    'waiting_for_results': """
+  - name: get_battery
+    description: Report the battery charge.
+    parameters: {type: object, properties: {}}
+""",
+    'waiting_for_confirmation': """
+  - name: open_door
+    description: Open the front door.
+    parameters: {type: object, properties: {}}
+    requires_confirmation: true
+""",
+}
+
+
+@pytest.mark.parametrize('signum', SIGNALS)
+@pytest.mark.parametrize('state', list(WAITING_TOOLS))
+def test_a_signal_while_a_task_waits_ends_it_once_and_releases_nothing_held(
+        ros, launch, tiny_model, tmp_path, state, signum) -> None:
+    tools = tmp_path / 'tools.yaml'
+    tools.write_text('tools:' + WAITING_TOOLS[state])
+    # Nobody answers or confirms, and the waits are far longer than the test.
+    process = launch(model_path=tiny_model, tools_file=str(tools), n_threads=1,
+                     temperature=0.0, tool_choice='required', max_tokens=48,
+                     max_tool_calls=1, tool_result_timeout_ms=120000,
+                     confirmation_timeout_ms=120000, default_budget_ms=120000)
+    client = _serving(ros, process)
+    pending: list[ToolCall] = []
+    client.node.create_subscription(ToolCall, 'confirmations_pending', pending.append,
+                                    COMMAND_QOS)
+    client.command_pub.publish(Command(id='task-1', text='Check the battery, then open up.',
+                                       max_steps=3))
+
+    def waiting() -> bool:
+        values = status_values(node_status(client, process.name))
+        return values.get('tasks_running') == '1' and not values.get('running') and bool(
+            client.answers('task-1'))
+
+    assert wait_for(waiting, 30.0), \
+        f'the task never waited: {node_status(client, process.name)}'
+    [step] = client.answers('task-1')
+    assert (step.step, step.final, step.status) == (0, False, Action.STATUS_OK), step
+    if state == 'waiting_for_results':
+        assert wait_for(lambda: len(client.tool_calls) == 1, 10.0), 'the call never went out'
+    else:
+        assert wait_for(lambda: len(pending) == 1, 10.0), 'the held call was never announced'
+    signaled = time.time()
+    process.send_signal(signum)
+    code = process.wait(10.0)
+    assert code == 0, f'exit code {code} after {signum.name}:\n{process.output()}'
+    assert wait_for(lambda: any(a.final for a in client.answers('task-1')), 5.0), \
+        f'no final Action after {signum.name}:\n{process.output()}'
+    finals = [a for a in client.answers('task-1') if a.final]
+    assert len(finals) == 1, f'{len(finals)} final Actions'
+    assert finals[0].status == Action.STATUS_INACTIVE, STATUS_NAMES[finals[0].status]
+    assert 'shutting down' in finals[0].status_message.lower(), finals[0].status_message
+    assert _stamp(finals[0]) >= signaled
+    if state == 'waiting_for_confirmation':
+        assert client.tool_calls == [], 'a held call reached tool_calls unconfirmed'
 
 
 def _smollm2() -> str:
