@@ -77,7 +77,7 @@ class RosHarness:
         self.executor.add_node(node)
         return node
 
-    def private_node(self, name: str):
+    def private_node(self, name: str, namespace: str = ''):
         """A node with its own executor that only the calling (test) thread spins.
 
         rclpy 9.1's ``ActionClient.send_goal_async`` registers a pending future and then
@@ -88,7 +88,7 @@ class RosHarness:
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.node import Node
 
-        node = Node(name, context=self.context)
+        node = Node(name, context=self.context, namespace=namespace)
         executor = SingleThreadedExecutor(context=self.context)
         executor.add_node(node)
         self._private.append((node, executor))
@@ -161,15 +161,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture
 def node_factory(ros):
-    """Make NemotronNodes in the ``ros`` context (configured and active unless told not to)."""
+    """Make NemotronNodes in the ``ros`` context (configured and active unless told not to),
+    in the root namespace unless given one."""
     from node_harness import SUCCESS, node_params
 
     from nemotron_ros.node import NemotronNode
 
     nodes = []
 
-    def make(model: str, activate: bool = True, **extra):
-        node = NemotronNode(context=ros.context, parameter_overrides=node_params(model, **extra))
+    def make(model: str, activate: bool = True, namespace: str = '', **extra):
+        node = NemotronNode(context=ros.context, namespace=namespace,
+                            parameter_overrides=node_params(model, **extra))
         ros.add(node)
         nodes.append(node)
         if activate:

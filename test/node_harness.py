@@ -214,20 +214,25 @@ def status_values(status: Optional[DiagnosticStatus]) -> dict[str, str]:
     return {} if status is None else {kv.key: kv.value for kv in status.values}
 
 
-def serve_execute(ros, make_node: Callable[[], NemotronNode],
+def serve_execute(ros, make_node: Callable[[str], NemotronNode],
                   timeout: float = 20.0) -> tuple[NemotronNode, ExecuteCaller]:
-    """A node from ``make_node`` and an ExecuteCaller that sees its execute server.
+    """A node from ``make_node(namespace)`` and an ExecuteCaller that sees its execute server.
 
-    In full-suite runs (hundreds of rclpy contexts in one process) a new action client
-    sometimes never matched a fresh node's execute server, although the graph listed the
-    server's services and the same node's ``plan`` service had matched; neither new clients
-    nor a new caller node helped within 30 s. That node is retired and a new one made (at most
-    three tries): the flake is in DDS matching, and every test still drives a real node.
-    When all three fail, the test is skipped with the reason (never passed).
+    Each node gets a namespace of its own, and its clients must use it
+    (``node.get_namespace()``): rmw_fastrtps calls a service available only while the
+    domain holds as many request readers as response writers under its name, so a server
+    of another node under the same name, half discovered or half gone, kept a new client
+    from ever seeing the server (graph listing the server's services, the same node's
+    ``plan`` service matched, new clients no help within 30 s).
+
+    Should a client still not match, the node is retired and a new one made in a new
+    namespace (at most three tries); when all three fail, the test is skipped with the reason
+    and what the graph held (never passed).
     """
     for _attempt in range(3):
-        node = make_node()
-        caller = ExecuteCaller(ros)
+        namespace = f'/x{uuid.uuid4().hex[:10]}'
+        node = make_node(namespace)
+        caller = ExecuteCaller(ros, namespace)
         if caller.ready(timeout):
             return node, caller
         graph = caller.graph()
@@ -250,8 +255,9 @@ class ExecuteCaller:
     a feedback message that arrived in the same wait, whatever order they were sent in.
     """
 
-    def __init__(self, ros) -> None:
-        self.node, self.executor = ros.private_node(f'execute_caller_{uuid.uuid4().hex[:6]}')
+    def __init__(self, ros, namespace: str = '') -> None:
+        self.node, self.executor = ros.private_node(f'execute_caller_{uuid.uuid4().hex[:6]}',
+                                                    namespace)
         self._make_clients()
         self.feedback: dict[bytes, list[tuple[int, Execute.Feedback]]] = defaultdict(list)
         #: goal -> (source timestamp of its first terminal status, that status)
@@ -312,10 +318,20 @@ class ExecuteCaller:
             self._make_clients()
 
     def graph(self) -> str:
-        """What this caller's node sees of the action, for a failure message."""
+        """What this caller's node sees of the action, for a failure message: the request
+        readers and response writers of the goal and cancel services, by node (rmw_fastrtps
+        calls a service available when both exist and are as many)."""
+        endpoints = {}
+        for service in ('send_goal', 'cancel_goal'):
+            name = self.node.resolve_service_name(f'execute/_action/{service}')
+            readers = self.node.get_subscriptions_info_by_topic(f'rq{name}Request',
+                                                                no_mangle=True)
+            writers = self.node.get_publishers_info_by_topic(f'rr{name}Reply', no_mangle=True)
+            endpoints[service] = {
+                'request readers': [f'{e.node_namespace}/{e.node_name}' for e in readers],
+                'response writers': [f'{e.node_namespace}/{e.node_name}' for e in writers]}
         return (f'server ready {self.client.server_is_ready()}, cancel service ready '
-                f'{self._cancel.service_is_ready()}, graph services '
-                f'{[n for n, _ in self.node.get_service_names_and_types() if "execute" in n]}')
+                f'{self._cancel.service_is_ready()}, endpoints {endpoints}')
 
     def send(self, goal: Execute.Goal, goal_id: Optional[UUID] = None):
         """Send ``goal``; a future of its ClientGoalHandle (spin to complete it)."""

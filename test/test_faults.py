@@ -136,8 +136,9 @@ def tiny_node(ros, node_factory, tiny_model):
             client = Client(ros)
             assert wait_for(client.connected, 10.0)
             return node, client, None
-        node, caller = serve_execute(ros, lambda: node_factory(tiny_model, **extra))
-        client = Client(ros)
+        node, caller = serve_execute(
+            ros, lambda namespace: node_factory(tiny_model, namespace=namespace, **extra))
+        client = Client(ros, namespace=node.get_namespace())
         assert wait_for(client.connected, 10.0)
         return node, client, caller
     return make

@@ -120,7 +120,8 @@ def test_observation_text_reaches_the_model_as_inert_data(served) -> None:
 
 def test_execute_streams_feedback_and_cancel_ends_canceled(ros, node_factory,
                                                            tiny_model) -> None:
-    _node, caller = serve_execute(ros, lambda: node_factory(tiny_model, max_tokens=4000))
+    _node, caller = serve_execute(ros, lambda namespace: node_factory(
+        tiny_model, namespace=namespace, max_tokens=4000))
     execute_client, executor = caller.client, caller.executor
     events: list[str] = []
     feedback = []
@@ -156,7 +157,8 @@ def test_execute_streams_feedback_and_cancel_ends_canceled(ros, node_factory,
 
 
 def test_execute_goals_are_rejected_while_inactive(ros, node_factory, tiny_model) -> None:
-    node, caller = serve_execute(ros, lambda: node_factory(tiny_model, activate=False))
+    node, caller = serve_execute(ros, lambda namespace: node_factory(
+        tiny_model, namespace=namespace, activate=False))
     execute_client, executor = caller.client, caller.executor
     assert node.trigger_configure() == SUCCESS
     sent = execute_client.send_goal_async(Execute.Goal(goal='Go to the kitchen'))

@@ -543,8 +543,8 @@ def test_configure_fails_with_one_line_naming_the_url(ros, node_factory, tiny_mo
 @pytest.mark.ros
 def test_execute_streams_feedback_and_cancel_ends_canceled(
         ros, node_factory, tiny_server, tiny_model) -> None:
-    _node, caller = serve_execute(ros, lambda: node_factory(
-        tiny_model, **server_params(tiny_server, max_tokens=4000)))
+    _node, caller = serve_execute(ros, lambda namespace: node_factory(
+        tiny_model, namespace=namespace, **server_params(tiny_server, max_tokens=4000)))
     feedback = []
     goal = Execute.Goal(goal='Tell a very long story.', latency_budget_ms=60000,
                         max_tokens=4000)

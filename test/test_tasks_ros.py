@@ -68,8 +68,8 @@ def _task_params(tools_file: str, overrides: dict) -> dict:
             'confirmation_timeout_ms': 20000, **overrides}
 
 
-def _connected_client(ros) -> tuple[Client, object]:
-    client = Client(ros)
+def _connected_client(ros, namespace: str = '') -> tuple[Client, object]:
+    client = Client(ros, namespace=namespace)
     confirm = client.node.create_client(Confirm, 'confirm')
     assert wait_for(lambda: client.connected() and confirm.service_is_ready(), 10.0)
     return client, confirm
@@ -88,12 +88,13 @@ def task_node(ros, node_factory, tiny_model, tools_file):
 
 @pytest.fixture
 def task_node_with_caller(ros, node_factory, tiny_model, tools_file):
-    """Like ``task_node``, plus an ExecuteCaller that sees the node's execute server."""
+    """Like ``task_node``, plus an ExecuteCaller that sees the node's execute server; the
+    node has a namespace of its own (see ``serve_execute``), and so must its other clients."""
 
     def make(**overrides):
-        node, caller = serve_execute(
-            ros, lambda: node_factory(tiny_model, **_task_params(tools_file, overrides)))
-        return (node, *_connected_client(ros), caller)
+        node, caller = serve_execute(ros, lambda namespace: node_factory(
+            tiny_model, namespace=namespace, **_task_params(tools_file, overrides)))
+        return (node, *_connected_client(ros, node.get_namespace()), caller)
 
     return make
 
@@ -278,8 +279,8 @@ def test_plan_gets_its_step_actions_and_only_intermediate_calls_are_published(
 @pytest.mark.parametrize('state', ['waiting_for_results', 'waiting_for_confirmation'])
 def test_execute_cancel_while_waiting_ends_canceled_once(ros, task_node_with_caller,
                                                          state) -> None:
-    _node, _client, _confirm, caller = task_node_with_caller()
-    executor = FakeExecutor(ros, answer=None)
+    node, _client, _confirm, caller = task_node_with_caller()
+    executor = FakeExecutor(ros, answer=None, namespace=node.get_namespace())
     assert wait_for(executor.connected, 10.0)
     tool = 'get_battery' if state == 'waiting_for_results' else 'open_door'
     handle = caller.accepted(Execute.Goal(goal='Do it', allowed_tools=[tool], max_steps=3,
