@@ -393,8 +393,21 @@ class LifecycleClient:
         self._change_state = self.node.create_client(ChangeState, f'{node_name}/change_state')
 
     def ready(self, timeout: float = 30.0) -> bool:
-        return self._get_state.wait_for_service(timeout_sec=timeout) and \
-            self._change_state.wait_for_service(timeout_sec=timeout)
+        """Both services are discovered and ``get_state`` has answered once.
+
+        A client sees a service as available once *it* has matched the server; a request sent
+        before the server has matched the client in turn can wait for a DDS resend or go
+        unanswered. One answered request (asked anew every 2 s) shows both ways work, so a
+        later slow answer is the node's and not discovery's.
+        """
+        end = time.monotonic() + timeout
+        if not (self._get_state.wait_for_service(timeout_sec=timeout)
+                and self._change_state.wait_for_service(timeout_sec=timeout)):
+            return False
+        while time.monotonic() < end:
+            if wait_for(self.state_async().done, min(2.0, max(0.0, end - time.monotonic()))):
+                return True
+        return False
 
     def state_async(self):
         return self._get_state.call_async(GetState.Request())

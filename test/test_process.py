@@ -242,8 +242,9 @@ def test_lifecycle_services_answer_and_diagnostics_report_loading_during_configu
     while not configure.done():
         asked = lifecycle.state_async()
         # Generous for a loaded host; configure itself takes far longer than this.
-        assert wait_for(asked.done, 5.0), \
-            f'get_state took more than 5 s while configuring (answers so far: {states})'
+        assert wait_for(asked.done, 5.0), (
+            f'get_state took more than 5 s while configuring (answers so far: {states}); '
+            f'the node said:\n{process.output()[-3000:]}')
         states.append(asked.result().current_state.label)
         wait_for(configure.done, 0.2)
     assert configure.result().success, process.output()
