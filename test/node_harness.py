@@ -159,7 +159,8 @@ def _node_module(_node: NemotronNode) -> object:
 #:  engine.observe        the observations callback (world state update)
 #:  tasks.cancel          execute cancel
 #:  engine.stats          the diagnostics timer
-#:  backend.generate / backend.count_tokens   the model itself (backend faults)
+#:  backend.generate / backend.tokenize   the model itself (backend faults; tokenize is the
+#:                        llama.cpp backend's tokenization of prompts, remembered per text)
 FAULT_SITES: dict[str, Callable[[NemotronNode], tuple[object, str]]] = {
     'engine.submit': lambda node: (node._engine, 'submit'),
     'intake.put': lambda node: (node._intake, 'put'),
@@ -169,7 +170,7 @@ FAULT_SITES: dict[str, Callable[[NemotronNode], tuple[object, str]]] = {
     'tasks.cancel': lambda node: (node._tasks, 'cancel'),
     'engine.stats': lambda node: (node._engine, 'stats'),
     'backend.generate': lambda node: (node._engine.backend, 'generate'),
-    'backend.count_tokens': lambda node: (node._engine.backend, 'count_tokens'),
+    'backend.tokenize': lambda node: (node._engine.backend, '_tokens'),
 }
 
 

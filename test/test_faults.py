@@ -235,7 +235,7 @@ def test_a_fault_canceling_a_goal_still_ends_it_once_and_later_cancels_work(
 
 
 # -- the backend fails -----------------------------------------------------------------------
-@pytest.mark.parametrize('site', ['backend.generate', 'backend.count_tokens'])
+@pytest.mark.parametrize('site', ['backend.generate', 'backend.tokenize'])
 def test_a_backend_exception_answers_that_request_error_and_the_next_one_ok(
         monkeypatch, tiny_node, site) -> None:
     node, client, _caller = tiny_node()

@@ -415,3 +415,81 @@ def test_whole_prompt_count_matches_what_generate_evaluates(tiny: LlamaBackend) 
     counted = tiny.count_prompt_tokens(request)
     result = tiny.generate(request)
     assert counted == result.usage.prompt_tokens
+
+
+def test_common_prefix_length_matches_a_plain_scan() -> None:
+    import random
+
+    from nemotron_ros.engine.backends.llama.backend import common_prefix_length
+
+    def scan(a: list[int], b: list[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    rng = random.Random(3)
+    for _ in range(2000):
+        a = [rng.randrange(3) for _ in range(rng.randrange(40))]
+        b = a[:rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(8))]
+        assert common_prefix_length(a, b) == common_prefix_length(b, a) == scan(a, b), (a, b)
+
+
+def _last_logits(backend: LlamaBackend):
+    import llama_cpp
+    import numpy as np
+
+    llm = backend._llm
+    pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab,)).copy()
+
+
+@pytest.mark.parametrize('model', ['tiny', 'smollm2'])
+def test_a_prompt_that_extends_the_last_generation_continues_its_state(
+        model_dir: Path, model: str) -> None:
+    # What a task's next step does: its prompt is the last step's prompt, the answer and the
+    # new turns. Here token for token (the answer's own tokens), so that the recurrent model
+    # may continue too. The logits must be those of the same prompt started from the fixed
+    # prefix, the path every request took before (evaluating in other pieces, as a backend
+    # without prefix_cache does, moves SmolLM2's logits by up to 0.6 of 26 either way).
+    from nemotron_ros.engine.types import Usage
+
+    path = str(tiny_nemotron_h_path(model_dir) if model == 'tiny' else smollm2_gguf_path())
+    backend = LlamaBackend(LlamaConfig(model_path=path, n_ctx=4096, n_threads=1,
+                                       state_cache_dir=''), TOOLS)
+    backend.load()
+    try:
+        first = backend.generate(GenerationRequest(
+            messages=chat('Go to the kitchen.'), tools=TOOLS.names,
+            sampling=SamplingParams(max_tokens=12)))
+        held = list(backend._work_tokens)
+        prefix = backend._prefix_tokens
+        # The prompt and every answer token but one cut by max_tokens (its logits are unused).
+        assert len(held) == first.usage.prompt_tokens + first.usage.completion_tokens - (
+            first.finish_reason is FinishReason.LENGTH)
+        extra = backend._llm.tokenize('\nThe robot reached the kitchen.')
+
+        def prefill(tokens: list[int], from_prefix: bool = False) -> int:
+            if from_prefix:
+                backend._work_tokens = []
+            usage = Usage(prompt_tokens=len(tokens))
+            backend._prefill(backend._llm, prefix, tokens[len(prefix):], usage, lambda: False)
+            return usage.prompt_tokens_reused
+
+        def continued_matches_fresh_start(tokens: list[int], reused: int) -> None:
+            assert prefill(tokens) == reused
+            continued = _last_logits(backend)
+            assert prefill(tokens, from_prefix=True) == len(prefix)
+            reference = _last_logits(backend)
+            assert abs(continued - reference).max() <= 1e-3 * max(1.0, abs(reference).max())
+
+        continued_matches_fresh_start(held + extra, len(held))  # only the new tokens evaluated
+        # A prompt that leaves the held state part-way: a transformer drops the rest and keeps
+        # the common start; a recurrent state cannot be rolled back, so it starts from the
+        # fixed prefix.
+        prefill(held, from_prefix=True)
+        branch = held[:len(held) - 4] + extra
+        continued_matches_fresh_start(
+            branch, len(prefix) if backend.info.recurrent else len(held) - 4)
+    finally:
+        backend.unload()

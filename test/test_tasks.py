@@ -283,9 +283,18 @@ def test_a_task_runs_step_by_step_with_each_result_in_the_next_prompt(request, m
         assert text.count('<tool_response>') == k
         assert '"success": true' in text
         usage = steps[k].outcome.result.usage
-        assert usage.prompt_tokens_reused == first_usage.prompt_tokens_reused > 0, \
-            'the fixed prefix is reused by every step'
-        assert usage.prompt_tokens > steps[k - 1].outcome.result.usage.prompt_tokens
+        before = steps[k - 1].outcome.result.usage
+        assert usage.prompt_tokens > before.prompt_tokens
+        if model == 'smollm2':
+            # The step continues the state the last one left: at least its whole prompt is
+            # kept (and the answer, up to where the rendered turn differs from it), so only
+            # the new turns are evaluated.
+            assert usage.prompt_tokens_reused >= before.prompt_tokens, (usage, before)
+        else:
+            # A recurrent state is only continued when the answer was token for token the
+            # turn the next prompt renders; the random model spells <tool_call> out in
+            # characters, so each step starts from the fixed prefix's state.
+            assert usage.prompt_tokens_reused == first_usage.prompt_tokens_reused > 0
     stats = manager.stats()
     assert (stats.running, stats.held, stats.steps) == (0, 0, max_steps)
     assert recorder.violations == []

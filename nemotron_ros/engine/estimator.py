@@ -13,8 +13,9 @@ different sizes): small batches cost more per token than large ones, so one rati
 sizes were seen, the fixed part is 0 and the ratio of the recent prompts is used.
 
 Prompt size is exact: the scheduler counts with ``Backend.count_new_tokens``, which renders the
-prompt as the backend will and counts only the tokens evaluated after the reused prefix, the
-same number the backend reports as ``prompt_tokens - prompt_tokens_reused``. No calibration
+prompt as the backend will and counts only the tokens evaluated after the reused prefix (or
+the continued state of the last generation), the same number the backend reports as
+``prompt_tokens - prompt_tokens_reused``. No calibration
 ratio is needed between what admission counts and what the backend evaluates.
 
 Answer lengths are kept as a window of recent complete answers, so the scheduler can ask for a

@@ -314,8 +314,9 @@ class Engine:
             return _with_world(generation, world.render(clock()))
 
         # Exactly what the backend would evaluate now: the rendered prompt after the reused
-        # prefix, with the current world state. Dispatch counts again with the world then.
-        prompt_tokens = backend.count_new_tokens(build())
+        # prefix, with the current world state (and after what the last generation left, when
+        # nothing runs before it). Dispatch counts again with the world then.
+        prompt_tokens = backend.count_new_tokens(build(), scheduler.idle())
         scheduler.submit(ScheduledRequest(
             payload=build, id=request_id, budget_s=_engine_budget_s(prompt.budget_ms, config),
             priority=prompt.priority, kind=prompt.kind, arrival=arrival,

@@ -309,13 +309,18 @@ class Scheduler:
         """Return the estimator's current model of the backend."""
         return self._estimator.rates()
 
+    def idle(self) -> bool:
+        """Nothing runs or waits: a request submitted now runs next."""
+        with self._lock:
+            return self._state.current is None and not len(self._state.queue)
+
     # ----------------------------------------------------------------- the door
 
     def _size(self, request: ScheduledRequest) -> tuple[int, int]:
         """Prompt tokens to evaluate and requested max_tokens, as known at submit time."""
         payload = request.payload
         if isinstance(payload, GenerationRequest):
-            return self._count_prompt(payload), payload.sampling.max_tokens
+            return self._count_prompt(payload, self.idle()), payload.sampling.max_tokens
         max_tokens = request.max_tokens if request.max_tokens else UNBOUNDED_TOKENS
         if request.prompt_tokens is not None:
             return request.prompt_tokens, max_tokens
@@ -463,8 +468,10 @@ class Scheduler:
         request = self._build(ticket)
         if request is None:
             return
+        # Counted again now that it runs: the world state may have changed since the door,
+        # and what the last generation left may or may not be continued.
+        ticket.prompt_tokens = self._count_prompt(request)
         if not isinstance(ticket.request.payload, GenerationRequest):
-            ticket.prompt_tokens = self._count_prompt(request)
             ticket.max_tokens = request.sampling.max_tokens
         planned = self._admission.plan(ticket, request)
         if not isinstance(planned, GenerationRequest):
@@ -540,10 +547,10 @@ class Scheduler:
         with self._lock:
             self._consecutive_errors = self._consecutive_errors + 1 if failed else 0
 
-    def _count_prompt(self, request: GenerationRequest) -> int:
+    def _count_prompt(self, request: GenerationRequest, runs_next: bool = True) -> int:
         """Tokens the backend will evaluate for ``request`` (after its reused prefix)."""
         try:
-            return int(self._backend.count_new_tokens(request))
+            return int(self._backend.count_new_tokens(request, runs_next))
         except Exception:  # a rough count is better than no admission control
             text = '\n'.join(m.content for m in request.messages)
             return len(text) // 4 + 1

@@ -276,7 +276,7 @@ class Backend(abc.ABC):
     def count_tokens(self, text: str) -> int:
         """Number of tokens ``text`` encodes to."""
 
-    def count_new_tokens(self, request: GenerationRequest) -> int:
+    def count_new_tokens(self, request: GenerationRequest, runs_next: bool = True) -> int:
         """Tokens ``generate(request)`` would evaluate if it ran now (admission control).
 
         Renders the prompt as ``generate`` does and counts the part after the fixed prefix;
@@ -284,10 +284,17 @@ class Backend(abc.ABC):
         than the one whose model state is kept (:meth:`reuses_prefix`). This is the figure the
         backend reports as ``prompt_tokens - prompt_tokens_reused``. A backend without a prompt
         format (a test stand-in) counts the message texts.
+
+        :param runs_next: nothing else will run before it, so a backend that continues the
+            state the last generation left (the llama.cpp backend) may count that reuse too;
+            False counts from the fixed prefix.
         """
         if self.prompt_format is None:
             return self.count_tokens('\n'.join(m.content for m in request.messages))
-        rendered = self.render(request)
+        return self._count_new(self.render(request), runs_next)
+
+    def _count_new(self, rendered: RenderedPrompt, runs_next: bool) -> int:
+        """:meth:`count_new_tokens` of a rendered prompt; backends that reuse more override it."""
         new = self._count_text(rendered.text[len(rendered.prefix):])
         if self.reuses_prefix(rendered.prefix):
             return new

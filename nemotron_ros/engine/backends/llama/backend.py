@@ -5,18 +5,25 @@ rolled back, so llama.cpp's own prompt caches re-process the whole prompt on eve
 This backend keeps the state after the fixed prefix (system prompt + tools) in sequence 1 of a
 two-sequence context and copies it into sequence 0 for each request (``llama_memory_seq_cp``,
 well under a millisecond), so time to first token depends on the new tokens only.
+
+Sequence 0 still holds the last generation (its prompt and the tokens decoded after it) when
+the next request arrives. The next step of a task starts with exactly that conversation, so
+the request continues sequence 0 instead: a transformer keeps the longest common start
+(the rest is dropped), a recurrent or hybrid model only the whole of it (when the answer it
+generated is token for token the turn the next prompt renders). Only the new turns are then
+evaluated. Any other request starts from the fixed prefix as before.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 from ... import settings
-from ...prompt_format import select_prompt_format, vocab_markers
+from ...prompt_format import RenderedPrompt, select_prompt_format, vocab_markers
 from ...tools import ToolRegistry
 from ...types import (
     CancelToken,
@@ -25,7 +32,7 @@ from ...types import (
     GenerationResult,
     Usage,
 )
-from ..base import Backend, BackendError, ModelGuard, ModelInfo, Stopper
+from ..base import Backend, BackendError, Memo, ModelGuard, ModelInfo, Stopper
 from ..decoding import TokenStream
 from .context import ContextOptions, DecodeAbortedError, LlamaContext, LlamaLoadError
 from .sampler import FirstByteIndex, GrammarCache, SamplerChain
@@ -33,6 +40,19 @@ from .state_cache import PrefixStateCache
 
 PREFIX_SEQ = 1
 WORK_SEQ = 0
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many first tokens the lists ``a`` and ``b`` share (slice compares in C, halving
+    the range: thousands of tokens per request)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 @dataclass
@@ -100,6 +120,10 @@ class LlamaBackend(Backend):
         self._first_bytes: Optional[FirstByteIndex] = None
         self._state_cache: Optional[PrefixStateCache] = None
         self._prefix_tokens: list[int] = []
+        self._work_tokens: list[int] = []  # what WORK_SEQ holds; [] = unknown
+        self._work_prefix = ''  # the fixed prefix's text it starts with
+        self._can_trim = False  # the loaded model's sequences can drop their last positions
+        self._token_memo: Memo[tuple[int, ...]] = Memo(16)  # by (prompt format, text)
         self.info: Optional[ModelInfo] = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -127,6 +151,8 @@ class LlamaBackend(Backend):
         if self.config.prefix_cache and self.config.state_cache_dir:
             self._state_cache = PrefixStateCache(self.config.state_cache_dir, llm)
         self._prefix_tokens = []
+        self._work_tokens = []
+        self._can_trim = llm.can_trim
         self.info = ModelInfo(
             path=self.config.model_path, architecture=arch, chat_format=self.prompt_format.name,
             n_ctx=llm.n_ctx, n_vocab=llm.n_vocab, recurrent=llm.recurrent)
@@ -143,6 +169,7 @@ class LlamaBackend(Backend):
             self._llm.close()
             self._llm = None
         self._prefix_tokens = []
+        self._work_tokens = []
 
     @property
     def loaded(self) -> bool:
@@ -151,6 +178,21 @@ class LlamaBackend(Backend):
     def count_tokens(self, text: str) -> int:
         with self._guard.use():
             return len(self._require().tokenize(text))
+
+    def _tokens(self, text: str, llm: Optional[LlamaContext] = None) -> tuple[int, ...]:
+        """The tokens of a prompt's text, remembered: a step's prompt is counted at the door,
+        again at dispatch, then evaluated. Keyed by the prompt format too (each load makes a
+        new one). ``llm``: the context the caller already holds the guard for."""
+        def tokenize() -> tuple[int, ...]:
+            if llm is not None:
+                return tuple(llm.tokenize(text))
+            with self._guard.use():
+                return tuple(self._require().tokenize(text))
+
+        return self._token_memo.get((self.prompt_format, text), tokenize)
+
+    def _count_text(self, text: str) -> int:
+        return len(self._tokens(text))
 
     def reuses_prefix(self, prefix: str) -> bool:
         cached_text, tokens = self._prefix_encoding
@@ -170,12 +212,13 @@ class LlamaBackend(Backend):
 
     def _generate(self, llm: LlamaContext, request: GenerationRequest) -> GenerationResult:
         started = time.monotonic()
-        prepared = self.prepare(request, llm.tokenize, llm.n_ctx)
+        prepared = self.prepare(request, lambda text: list(self._tokens(text, llm)), llm.n_ctx)
         usage = prepared.usage
         stopper = Stopper(request)
         result = GenerationResult(usage=usage)
         try:
             pos = self._prefill(llm, prepared.prefix, prepared.suffix, usage, stopper)
+            self._work_prefix = prepared.rendered.prefix
         except DecodeAbortedError:
             result.finish_reason = stopper.reason or FinishReason.CANCELLED
             usage.prefill_s = usage.total_s = time.monotonic() - started
@@ -199,10 +242,55 @@ class LlamaBackend(Backend):
     def _prefill(self, llm: LlamaContext, prefix: list[int], suffix: list[int], usage: Usage,
                  stopper: Callable[[], bool]) -> int:
         """Bring sequence 0 to the end of the prompt; returns the next position."""
-        llm.clear_sequence(WORK_SEQ)
+        prompt = prefix + suffix
+        held, self._work_tokens = self._work_tokens, []  # unknown until the prompt is in
+        kept = self._reusable(held, len(prefix), suffix) if held[:len(prefix)] == prefix else 0
+        if 0 < kept < len(held) and not llm.trim_sequence(WORK_SEQ, kept):
+            kept = 0
+        if kept:
+            usage.prompt_tokens_reused = kept
+            llm.decode(prompt[kept:], kept, WORK_SEQ, True, stopper)
+        else:
+            llm.clear_sequence(WORK_SEQ)
+            self._start_from_prefix(llm, prefix, suffix, usage, stopper)
+        self._work_tokens = prompt
+        return len(prompt)
+
+    def _reusable(self, held: list[int], fixed: int, suffix: Sequence[int]) -> int:
+        """How many of the prompt's first tokens sequence 0 (holding ``held``, which starts
+        with the same ``fixed`` prefix tokens) can keep for it; 0 = none beyond the fixed
+        prefix (start from its state). At least the last prompt token is always evaluated:
+        its logits give the first answer token."""
+        if not (self.config.prefix_cache and len(held) > fixed):
+            return 0
+        trims = self._can_trim
+        if not trims and tuple(held[fixed:]) != tuple(suffix[:len(held) - fixed]):
+            return 0  # a recurrent state is kept whole or not at all
+        common = fixed + common_prefix_length(held[fixed:], list(suffix))
+        common = min(common, fixed + len(suffix) - 1)
+        if common <= fixed or (common < len(held) and not trims):
+            return 0
+        return common
+
+    def _count_new(self, rendered: RenderedPrompt, runs_next: bool) -> int:
+        """With ``runs_next``, a prompt that continues what sequence 0 holds (a task's next
+        step) counts only the tokens after that (see :meth:`.Backend.count_new_tokens`)."""
+        held = self._work_tokens  # [] while a generation runs: it will hold something else
+        prefix_text, prefix = self._prefix_encoding
+        if runs_next and held and self.config.prefix_cache and \
+                rendered.prefix == self._work_prefix == prefix_text:
+            suffix = self._tokens(rendered.text[len(rendered.prefix):])
+            kept = self._reusable(held, len(prefix), suffix)
+            if kept:
+                return len(prefix) + len(suffix) - kept
+        return super()._count_new(rendered, runs_next)
+
+    def _start_from_prefix(self, llm: LlamaContext, prefix: list[int], suffix: list[int],
+                           usage: Usage, stopper: Callable[[], bool]) -> None:
+        """Sequence 0 (empty) = the fixed prefix's state, then the rest of the prompt."""
         if not self.config.prefix_cache:
             llm.decode(prefix + suffix, 0, WORK_SEQ, True, stopper)
-            return len(prefix) + len(suffix)
+            return
         if prefix != self._prefix_tokens:
             self._prefix_tokens = []
             cache = self._state_cache
@@ -222,13 +310,13 @@ class LlamaBackend(Backend):
             usage.prompt_tokens_reused = len(prefix)
         llm.copy_sequence(PREFIX_SEQ, WORK_SEQ)
         llm.decode(suffix, len(prefix), WORK_SEQ, True, stopper)
-        return len(prefix) + len(suffix)
 
     def _decode_loop(self, llm: LlamaContext, sampler: SamplerChain, pos: int, max_tokens: int,
                      stopper: Stopper, usage: Usage, started: float,
                      on_token: Optional[Callable[[str], None]]) -> tuple[str, FinishReason]:
         stream = TokenStream(usage, started, on_token)
         finish = FinishReason.LENGTH
+        held, self._work_tokens = self._work_tokens, []  # unknown should a decode fail
         for _ in range(max_tokens):
             if stopper():
                 finish = stopper.reason
@@ -241,5 +329,7 @@ class LlamaBackend(Backend):
             stream.add_bytes(llm.piece(token))
             if usage.completion_tokens < max_tokens:  # the last token's logits are never used
                 llm.decode_one(token, pos, WORK_SEQ)
+                held.append(token)
                 pos += 1
+        self._work_tokens = held
         return stream.finish(), finish

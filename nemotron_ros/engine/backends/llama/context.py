@@ -240,6 +240,22 @@ class LlamaContext:
     def copy_sequence(self, src: int, dst: int) -> None:
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
+    @property
+    def can_trim(self) -> bool:
+        """Whether a sequence can drop its last positions and keep the rest: not for
+        recurrent and hybrid state (no rollback), nor for a sliding-window cache (it has
+        already dropped positions the kept part would need)."""
+        return not self.recurrent and llama_cpp.llama_model_n_swa(self.model) == 0
+
+    def trim_sequence(self, seq: int, keep: int) -> bool:
+        """Drop ``seq``'s positions from ``keep`` on and keep the first ``keep``; False
+        where the memory cannot (:attr:`can_trim`), and ``seq`` must then be cleared."""
+        if not self.can_trim:
+            return False
+        if not llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1):
+            return False
+        return llama_cpp.llama_memory_seq_pos_max(self.memory, seq) == keep - 1
+
     def save_sequence(self, path: str, seq: int, tokens: Sequence[int]) -> bool:
         """Write ``seq``'s state, and the ``tokens`` it holds, to ``path``; False on failure."""
         array = (llama_cpp.llama_token * len(tokens))(*tokens)
