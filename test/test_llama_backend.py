@@ -473,7 +473,8 @@ def test_a_prompt_that_extends_the_last_generation_continues_its_state(
             if from_prefix:
                 backend._work_tokens = []
             usage = Usage(prompt_tokens=len(tokens))
-            backend._prefill(backend._llm, prefix, tokens[len(prefix):], usage, lambda: False)
+            backend._prefill(backend._llm, prefix, tokens[len(prefix):], usage, lambda: False,
+                             continues=True)
             return usage.prompt_tokens_reused
 
         def continued_matches_fresh_start(tokens: list[int], reused: int) -> None:
@@ -491,5 +492,39 @@ def test_a_prompt_that_extends_the_last_generation_continues_its_state(
         branch = held[:len(held) - 4] + extra
         continued_matches_fresh_start(
             branch, len(prefix) if backend.info.recurrent else len(held) - 4)
+    finally:
+        backend.unload()
+
+
+def test_only_a_continued_conversation_continues_the_state() -> None:
+    # A task's next step (the same messages, the answer, a tool result) keeps what the last
+    # generation left; the same request again, or another one, starts from the fixed prefix,
+    # so an answer never depends on what ran before it.
+    from nemotron_ros.engine.types import ToolCall
+
+    backend = LlamaBackend(LlamaConfig(model_path=str(smollm2_gguf_path()), n_ctx=4096,
+                                       n_threads=1, state_cache_dir=''), TOOLS)
+    backend.load()
+    try:
+        def run(messages: list[Message]):
+            request = GenerationRequest(messages=messages, tools=['navigate_to', 'get_battery'],
+                                        tool_choice=ToolChoice.REQUIRED, max_tool_calls=1,
+                                        sampling=SamplingParams(max_tokens=48))
+            counted = backend.count_new_tokens(request)
+            usage = backend.generate(request).usage
+            assert counted == usage.prompt_tokens - usage.prompt_tokens_reused, 'admission'
+            return usage
+
+        run(chat('Say hello.'))  # evaluates the fixed prefix and keeps its state
+        fixed = run(chat('Check the battery.')).prompt_tokens_reused
+        assert fixed > 0
+        assert run(chat('Check the battery.')).prompt_tokens_reused == fixed
+        step = chat('Check the battery.') + [
+            Message('assistant', '', (ToolCall('call_0', 'get_battery', {}),)),
+            Message('tool', '{"name": "get_battery", "success": true, "content": 73}')]
+        again = run(chat('Check the battery.'))
+        continued = run(step)
+        assert continued.prompt_tokens_reused > again.prompt_tokens > fixed
+        assert run(chat('Go to the kitchen.')).prompt_tokens_reused == fixed
     finally:
         backend.unload()

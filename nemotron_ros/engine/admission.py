@@ -4,8 +4,8 @@ dispatch and, while it waits, by the watchdog.
 Every figure comes from :class:`.RateEstimator`, which learns this model's overhead, prefill
 and decode costs and the lengths its answers really have. Prompt sizes are exact: the number
 of tokens the backend will evaluate after its reused prefix, or after the state the last
-generation left when nothing runs before the request (``Backend.count_new_tokens``, counted
-again at dispatch).
+generation left when the request continues its conversation (a task's next step) and nothing
+runs before it (``Backend.count_new_tokens``, counted again at dispatch).
 
 * **At the door** a request's finish is estimated as the remaining time of the running
   generation (from the tokens it has streamed so far), plus the service time of every queued

@@ -112,8 +112,8 @@ ENGINE_SETTINGS: tuple[Setting, ...] = (
             'on GPUs); at most n_ctx.', 1, 1 << 16),
     Setting('flash_attn', 'auto', 'Flash attention: auto, on or off.', choices=FLASH_ATTN),
     Setting('prefix_cache', True, 'Reuse the model state after system prompt + tools (and, '
-            "with llama.cpp, continue the last generation's state when the next prompt "
-            'starts with it).'),
+            "with llama.cpp, continue the last generation's state when the next request "
+            'continues its conversation: a task step).'),
     Setting('llama.state_cache_dir', '~/.cache/nemotron_ros/prefix_state', 'llama_cpp '
             'backend: directory that keeps the model state after system prompt + tools across '
             "restarts (keyed by model, options and prompt; the 8 latest); '' = off."),

@@ -291,9 +291,10 @@ class Backend(abc.ABC):
         """
         if self.prompt_format is None:
             return self.count_tokens('\n'.join(m.content for m in request.messages))
-        return self._count_new(self.render(request), runs_next)
+        return self._count_new(request, self.render(request), runs_next)
 
-    def _count_new(self, rendered: RenderedPrompt, runs_next: bool) -> int:
+    def _count_new(self, request: GenerationRequest, rendered: RenderedPrompt,
+                   runs_next: bool) -> int:
         """:meth:`count_new_tokens` of a rendered prompt; backends that reuse more override it."""
         new = self._count_text(rendered.text[len(rendered.prefix):])
         if self.reuses_prefix(rendered.prefix):

@@ -7,11 +7,12 @@ two-sequence context and copies it into sequence 0 for each request (``llama_mem
 well under a millisecond), so time to first token depends on the new tokens only.
 
 Sequence 0 still holds the last generation (its prompt and the tokens decoded after it) when
-the next request arrives. The next step of a task starts with exactly that conversation, so
-the request continues sequence 0 instead: a transformer keeps the longest common start
-(the rest is dropped), a recurrent or hybrid model only the whole of it (when the answer it
-generated is token for token the turn the next prompt renders). Only the new turns are then
-evaluated. Any other request starts from the fixed prefix as before.
+the next request arrives. When that request continues the same conversation (its messages
+start with every message of the last one: a task's next step), it continues sequence 0
+instead: a transformer keeps the longest common start of the tokens (the rest is dropped), a
+recurrent or hybrid model only the whole of it (when the answer it generated is token for
+token the turn the next prompt renders). Only the new turns are then evaluated. Any other
+request starts from the fixed prefix's state, so its answer never depends on what ran before.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ...types import (
     FinishReason,
     GenerationRequest,
     GenerationResult,
+    Message,
     Usage,
 )
 from ..base import Backend, BackendError, Memo, ModelGuard, ModelInfo, Stopper
@@ -122,6 +124,7 @@ class LlamaBackend(Backend):
         self._prefix_tokens: list[int] = []
         self._work_tokens: list[int] = []  # what WORK_SEQ holds; [] = unknown
         self._work_prefix = ''  # the fixed prefix's text it starts with
+        self._work_messages: tuple[Message, ...] = ()  # the conversation it holds
         self._can_trim = False  # the loaded model's sequences can drop their last positions
         self._token_memo: Memo[tuple[int, ...]] = Memo(16)  # by (prompt format, text)
         self.info: Optional[ModelInfo] = None
@@ -151,7 +154,7 @@ class LlamaBackend(Backend):
         if self.config.prefix_cache and self.config.state_cache_dir:
             self._state_cache = PrefixStateCache(self.config.state_cache_dir, llm)
         self._prefix_tokens = []
-        self._work_tokens = []
+        self._work_tokens, self._work_messages = [], ()
         self._can_trim = llm.can_trim
         self.info = ModelInfo(
             path=self.config.model_path, architecture=arch, chat_format=self.prompt_format.name,
@@ -169,7 +172,7 @@ class LlamaBackend(Backend):
             self._llm.close()
             self._llm = None
         self._prefix_tokens = []
-        self._work_tokens = []
+        self._work_tokens, self._work_messages = [], ()
 
     @property
     def loaded(self) -> bool:
@@ -217,8 +220,10 @@ class LlamaBackend(Backend):
         stopper = Stopper(request)
         result = GenerationResult(usage=usage)
         try:
-            pos = self._prefill(llm, prepared.prefix, prepared.suffix, usage, stopper)
+            pos = self._prefill(llm, prepared.prefix, prepared.suffix, usage, stopper,
+                                self._continues(request))
             self._work_prefix = prepared.rendered.prefix
+            self._work_messages = tuple(request.messages)
         except DecodeAbortedError:
             result.finish_reason = stopper.reason or FinishReason.CANCELLED
             usage.prefill_s = usage.total_s = time.monotonic() - started
@@ -239,12 +244,24 @@ class LlamaBackend(Backend):
         result.finish_reason = finish
         return self.finish(result, prepared)
 
+    def _continues(self, request: GenerationRequest) -> bool:
+        """Whether ``request`` continues the conversation sequence 0 holds: every message
+        of it, then more (a task's next step)."""
+        held = self._work_messages
+        messages = request.messages
+        return 0 < len(held) < len(messages) and tuple(messages[:len(held)]) == held
+
     def _prefill(self, llm: LlamaContext, prefix: list[int], suffix: list[int], usage: Usage,
-                 stopper: Callable[[], bool]) -> int:
-        """Bring sequence 0 to the end of the prompt; returns the next position."""
+                 stopper: Callable[[], bool], continues: bool = False) -> int:
+        """Bring sequence 0 to the end of the prompt; returns the next position.
+
+        :param continues: the request continues the conversation sequence 0 holds, which may
+            then be kept (see the module docstring).
+        """
         prompt = prefix + suffix
         held, self._work_tokens = self._work_tokens, []  # unknown until the prompt is in
-        kept = self._reusable(held, len(prefix), suffix) if held[:len(prefix)] == prefix else 0
+        kept = self._reusable(held, len(prefix), suffix) \
+            if continues and held[:len(prefix)] == prefix else 0
         if 0 < kept < len(held) and not llm.trim_sequence(WORK_SEQ, kept):
             kept = 0
         if kept:
@@ -272,18 +289,20 @@ class LlamaBackend(Backend):
             return 0
         return common
 
-    def _count_new(self, rendered: RenderedPrompt, runs_next: bool) -> int:
-        """With ``runs_next``, a prompt that continues what sequence 0 holds (a task's next
+    def _count_new(self, request: GenerationRequest, rendered: RenderedPrompt,
+                   runs_next: bool) -> int:
+        """With ``runs_next``, a request that continues what sequence 0 holds (a task's next
         step) counts only the tokens after that (see :meth:`.Backend.count_new_tokens`)."""
         held = self._work_tokens  # [] while a generation runs: it will hold something else
         prefix_text, prefix = self._prefix_encoding
         if runs_next and held and self.config.prefix_cache and \
-                rendered.prefix == self._work_prefix == prefix_text:
+                rendered.prefix == self._work_prefix == prefix_text and \
+                self._continues(request):
             suffix = self._tokens(rendered.text[len(rendered.prefix):])
             kept = self._reusable(held, len(prefix), suffix)
             if kept:
                 return len(prefix) + len(suffix) - kept
-        return super()._count_new(rendered, runs_next)
+        return super()._count_new(request, rendered, runs_next)
 
     def _start_from_prefix(self, llm: LlamaContext, prefix: list[int], suffix: list[int],
                            usage: Usage, stopper: Callable[[], bool]) -> None:
