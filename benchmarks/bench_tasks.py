@@ -26,9 +26,11 @@ llama.cpp, greedy, one thread):
    (published -> result in the node: DDS both ways and the executor) is the waiting the
    node does not spend; ``overhead_without_transit`` is the overhead without it.
 3. Prompt tokens evaluated per step with and without prefix reuse: the same task on a node
-   with ``prefix_cache`` true and one with it false (``prompt_tokens - prompt_tokens_reused``
-   of each step's Action), with the model time per step under both (one task; that node
-   skips the warm-up).
+   with ``prefix_cache`` true (the fixed prefix's state, and a step continues the last one's
+   where the model allows: see the llama.cpp backend) and one with it false
+   (``prompt_tokens - prompt_tokens_reused`` of each step's Action), with the model time per
+   step under both (one task; that node skips the warm-up). No observations are published, so
+   the world state the steps show does not change between them.
 
 Needs the built package (``source tools/env.sh``). Writes JSON and a PNG to
 benchmarks/results/ (about 2-3 minutes with the defaults on a 2-core machine).
