@@ -524,7 +524,9 @@ def test_only_a_continued_conversation_continues_the_state() -> None:
             Message('tool', '{"name": "get_battery", "success": true, "content": 73}')]
         again = run(chat('Check the battery.'))
         continued = run(step)
-        assert continued.prompt_tokens_reused > again.prompt_tokens > fixed
+        # At least the whole last prompt (its answer too, up to where the rendered call
+        # differs from the generated one).
+        assert continued.prompt_tokens_reused >= again.prompt_tokens > fixed
         assert run(chat('Go to the kitchen.')).prompt_tokens_reused == fixed
     finally:
         backend.unload()
