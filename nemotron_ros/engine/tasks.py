@@ -800,21 +800,19 @@ class TaskManager:
         several times slower at first, and this is on every step's path. Anything else
         queued meanwhile (a next step to render and submit) is left to the worker.
         """
+        job = (self._on_step_outcome, task, step, outcome)
         with self._lock:
-            self._jobs.append((self._task_job, (self._on_step_outcome, task, step, outcome)))
-            if self._running or len(self._jobs) > 1:
-                if not self._running:
-                    self._work.notify()
+            if self._running or self._jobs:  # work in hand: keep the decision order
+                self._enqueue_locked(self._task_job, *job)
                 return
             self._running = True
-        first = True
         try:
+            _run_job(self._task_job, job)
             while True:
                 with self._lock:
-                    if not self._jobs or not (first or self._jobs[0][0] is _notify):
+                    if not self._jobs or self._jobs[0][0] is not _notify:
                         return
                     fn, args = self._jobs.popleft()
-                first = False
                 _run_job(fn, args)
         finally:
             with self._lock:
