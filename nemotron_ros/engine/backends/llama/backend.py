@@ -221,7 +221,7 @@ class LlamaBackend(Backend):
         result = GenerationResult(usage=usage)
         try:
             pos = self._prefill(llm, prepared.prefix, prepared.suffix, usage, stopper,
-                                self._continues(request))
+                                self._continues(request, prepared.rendered.prefix))
             self._work_prefix = prepared.rendered.prefix
             self._work_messages = tuple(request.messages)
         except DecodeAbortedError:
@@ -244,24 +244,25 @@ class LlamaBackend(Backend):
         result.finish_reason = finish
         return self.finish(result, prepared)
 
-    def _continues(self, request: GenerationRequest) -> bool:
-        """Whether ``request`` continues the conversation sequence 0 holds: every message
-        of it, then more (a task's next step)."""
+    def _continues(self, request: GenerationRequest, prefix_text: str) -> bool:
+        """Whether ``request`` (its fixed prefix rendered as ``prefix_text``) continues the
+        conversation sequence 0 holds: the same prefix, every message of it, then more (a
+        task's next step)."""
         held = self._work_messages
         messages = request.messages
-        return 0 < len(held) < len(messages) and tuple(messages[:len(held)]) == held
+        return (prefix_text == self._work_prefix and 0 < len(held) < len(messages)
+                and tuple(messages[:len(held)]) == held)
 
     def _prefill(self, llm: LlamaContext, prefix: list[int], suffix: list[int], usage: Usage,
                  stopper: Callable[[], bool], continues: bool = False) -> int:
         """Bring sequence 0 to the end of the prompt; returns the next position.
 
-        :param continues: the request continues the conversation sequence 0 holds, which may
-            then be kept (see the module docstring).
+        :param continues: the request continues the conversation sequence 0 holds (with the
+            same fixed prefix), which may then be kept (see the module docstring).
         """
         prompt = prefix + suffix
         held, self._work_tokens = self._work_tokens, []  # unknown until the prompt is in
-        kept = self._reusable(held, len(prefix), suffix) \
-            if continues and held[:len(prefix)] == prefix else 0
+        kept = self._reusable(held, len(prefix), suffix) if continues else 0
         if 0 < kept < len(held) and not llm.trim_sequence(WORK_SEQ, kept):
             kept = 0
         if kept:
@@ -280,12 +281,13 @@ class LlamaBackend(Backend):
         its logits give the first answer token."""
         if not (self.config.prefix_cache and len(held) > fixed):
             return 0
-        trims = self._can_trim
-        if not trims and tuple(held[fixed:]) != tuple(suffix[:len(held) - fixed]):
-            return 0  # a recurrent state is kept whole or not at all
-        common = fixed + common_prefix_length(held[fixed:], list(suffix))
+        if self._can_trim:
+            common = fixed + common_prefix_length(held[fixed:], list(suffix))
+        else:  # a recurrent state is kept whole or not at all
+            whole = tuple(held[fixed:]) == tuple(suffix[:len(held) - fixed])
+            common = len(held) if whole else 0
         common = min(common, fixed + len(suffix) - 1)
-        if common <= fixed or (common < len(held) and not trims):
+        if common <= fixed or (common < len(held) and not self._can_trim):
             return 0
         return common
 
@@ -294,10 +296,9 @@ class LlamaBackend(Backend):
         """With ``runs_next``, a request that continues what sequence 0 holds (a task's next
         step) counts only the tokens after that (see :meth:`.Backend.count_new_tokens`)."""
         held = self._work_tokens  # [] while a generation runs: it will hold something else
-        prefix_text, prefix = self._prefix_encoding
-        if runs_next and held and self.config.prefix_cache and \
-                rendered.prefix == self._work_prefix == prefix_text and \
-                self._continues(request):
+        prefix_text, prefix = self._prefix_encoding  # the token count of that prefix
+        if runs_next and held and rendered.prefix == prefix_text and \
+                self._continues(request, rendered.prefix):
             suffix = self._tokens(rendered.text[len(rendered.prefix):])
             kept = self._reusable(held, len(prefix), suffix)
             if kept:
