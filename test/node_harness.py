@@ -38,6 +38,19 @@ from nemotron_ros.srv import Plan
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS_FILE = str(ROOT / 'config' / 'tools.example.yaml')
 SUCCESS = TransitionCallbackReturn.SUCCESS
+#: Tool-file entries for task tests: tools without arguments, so that a constrained answer of
+#: the tiny random model is always one valid call. Join them after ``'tools:'``.
+BATTERY_TOOL = """
+  - name: get_battery
+    description: Report the battery charge.
+    parameters: {type: object, properties: {}}
+"""
+HELD_TOOL = """
+  - name: open_door
+    description: Open the front door.
+    parameters: {type: object, properties: {}}
+    requires_confirmation: true
+"""
 
 
 def state_label(node: NemotronNode) -> str:

@@ -22,6 +22,8 @@ rclpy = pytest.importorskip('rclpy', reason='rclpy is not installed: run tools/s
 
 from lifecycle_msgs.msg import Transition  # noqa: E402
 from node_harness import (  # noqa: E402
+    BATTERY_TOOL,
+    HELD_TOOL,
     NODE_EXECUTABLE,
     STATUS_NAMES,
     TOOLS_FILE,
@@ -137,19 +139,7 @@ def test_a_signal_mid_generation_answers_every_outstanding_request(
 
 
 #: One tool per waiting state; no arguments, so the tiny model's constrained answer is a call.
-WAITING_TOOLS = {
-    'waiting_for_results': """
-  - name: get_battery
-    description: Report the battery charge.
-    parameters: {type: object, properties: {}}
-""",
-    'waiting_for_confirmation': """
-  - name: open_door
-    description: Open the front door.
-    parameters: {type: object, properties: {}}
-    requires_confirmation: true
-""",
-}
+WAITING_TOOLS = {'waiting_for_results': BATTERY_TOOL, 'waiting_for_confirmation': HELD_TOOL}
 
 
 @pytest.mark.parametrize('signum', SIGNALS)

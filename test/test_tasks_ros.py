@@ -19,6 +19,8 @@ rclpy = pytest.importorskip('rclpy', reason='rclpy is not installed: run tools/s
 
 from action_msgs.msg import GoalStatus  # noqa: E402
 from node_harness import (  # noqa: E402
+    BATTERY_TOOL,
+    HELD_TOOL,
     SUCCESS,
     Client,
     ExecuteCaller,
@@ -34,17 +36,6 @@ from nemotron_ros.srv import Confirm, Plan  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
-BATTERY_TOOL = """
-  - name: get_battery
-    description: Report the battery charge.
-    parameters: {type: object, properties: {}}
-"""
-HELD_TOOL = """
-  - name: open_door
-    description: Open the front door.
-    parameters: {type: object, properties: {}}
-    requires_confirmation: true
-"""
 
 
 @pytest.fixture
