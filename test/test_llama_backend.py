@@ -142,6 +142,8 @@ def test_long_prefill_is_interrupted_by_the_deadline(mid: LlamaBackend) -> None:
     start = time.monotonic()
     full = mid.generate(request)
     uninterrupted = time.monotonic() - start
+    # Without a deadline the answer ends by itself: a random-weight model may stop or fill
+    # max_tokens, and either shows the prompt was evaluated in full.
     assert full.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
     assert interrupted < uninterrupted / 2, (interrupted, uninterrupted)
 

@@ -497,6 +497,8 @@ def test_long_prefill_is_interrupted_by_the_deadline(bf16_dir: Path) -> None:
     start = time.monotonic()
     full = backend.generate(request)
     uninterrupted = time.monotonic() - start
+    # Without a deadline the answer ends by itself: a random-weight model may stop or fill
+    # max_tokens, and either shows the prompt was evaluated in full.
     assert full.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
     assert interrupted < uninterrupted / 2, (interrupted, uninterrupted)
 
